@@ -1,0 +1,55 @@
+# The README's commands. Everything installs into ./.venv (and ./.venv-checkov for the
+# manifest scanner, whose pins clash with bentoml's).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+PORT ?= 3000
+export BENTOML_DO_NOT_TRACK ?= true
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install serve train test test-all lint format bench load-smoke load load-stress image clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9
+	$(UV) pip install --quiet --python $(PY) -r pyproject.toml --all-extras
+	touch $@
+
+.venv-checkov/.installed:
+	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install --quiet --disable-pip-version-check uv==0.13.9
+	.venv-checkov/bin/uv pip install --quiet --python .venv-checkov/bin/python checkov==3.3.30
+	touch $@
+
+install: $(VENV)/.installed .venv-checkov/.installed
+
+## First README command: install, train if the store has no model, serve on :3000.
+serve: $(VENV)/.installed
+	$(PY) -m training --if-missing
+	$(VENV)/bin/bentoml serve service:BankChurn --port $(PORT)
+
+train: $(VENV)/.installed
+	$(PY) -m training
+
+## Second README command: install and run the test suite (what CI runs).
+test: $(VENV)/.installed .venv-checkov/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest -m "not slow and not container"
+
+## Everything, including the slow tests (not the container build).
+test-all: $(VENV)/.installed .venv-checkov/.installed
+	$(VENV)/bin/pytest -m "not container"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .venv-checkov .pytest_cache .ruff_cache build

@@ -1,0 +1,71 @@
+"""Shared fixtures: a temporary model store, one real trained model, a real `bentoml serve`.
+
+BENTOML_HOME must point at the temporary store before bentoml is imported anywhere, so the
+tests never read or write a user's model store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_HOME = Path(tempfile.mkdtemp(prefix="bankchurn-test-home-"))
+os.environ["BENTOML_HOME"] = str(_HOME)
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_HOME / "prometheus"))
+(_HOME / "prometheus").mkdir(exist_ok=True)
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.helpers import ServeProcess  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bentoml_home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def dataset() -> pd.DataFrame:
+    from training.data import load_data
+
+    return load_data()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A small real model (fast learners, all 10,000 rows), trained through the real CLI
+    code path, compiled, parity-checked and saved to the temporary model store."""
+    from training.pipeline import TrainConfig, train
+
+    lines: list[str] = []
+    cfg = TrainConfig(fast=True, report_dir=tmp_path_factory.mktemp("report"))
+    result = train(cfg, log=lines.append)
+    result.log = lines
+    return result
+
+
+@pytest.fixture(scope="session")
+def server(trained):
+    """`bentoml serve service:BankChurn` in a subprocess, ready, on a free port."""
+    proc = ServeProcess(env={"BANKCHURN_MODEL_TAG": str(trained.model.tag)})
+    proc.start()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_rows(dataset) -> list[dict]:
+    from models.schema import FEATURE_NAMES
+
+    return dataset[list(FEATURE_NAMES)].sample(200, random_state=7).to_dict(orient="records")

@@ -1,0 +1,98 @@
+"""Test helpers: a real `bentoml serve` subprocess, free ports, JSON payload helpers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def to_json_row(row: dict) -> dict:
+    """A dataset row as a client would send it: ints as ints, categories as strings."""
+    from models.schema import BY_NAME
+
+    out = {}
+    for name, value in row.items():
+        kind = BY_NAME[name].kind
+        out[name] = value if kind == "category" else (int(value) if kind in ("int", "flag") else float(value))
+    return out
+
+
+class ServeProcess:
+    """A real `bentoml serve` of this repo's service, in its own process group."""
+
+    def __init__(self, env: dict[str, str] | None = None, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own
+        self.proc: subprocess.Popen | None = None
+        self.log_path = Path(os.environ["BENTOML_HOME"]) / f"serve-{self.port}.log"
+
+    def start(self) -> ServeProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "service:BankChurn",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> float:
+        """Seconds until /readyz answered 200; fails with the server log otherwise."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"bentoml serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"not ready after {timeout}s:\n{self.log()[-3000:]}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
