@@ -205,7 +205,8 @@ def _build_customer_model() -> type[pydantic.BaseModel]:
     fields = {f.name: _field_for(f) for f in FEATURES}
     config = pydantic.ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [EXAMPLE_CUSTOMER]},
+        # BentoML 1.4 OpenAPI components take the singular OpenAPI 3.0 `example`.
+        json_schema_extra={"example": EXAMPLE_CUSTOMER},
     )
     return pydantic.create_model(
         "Customer",

@@ -21,6 +21,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """A sample's value from Prometheus text exposition (sum over unmatched labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total, found = 0.0, False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+                found = True
+    if not found:
+        raise KeyError(f"{name}{labels or ''} not in /metrics")
+    return total
+
+
 def to_json_row(row: dict) -> dict:
     """A dataset row as a client would send it: ints as ints, categories as strings."""
     from models.schema import BY_NAME

@@ -1,0 +1,138 @@
+"""The synchronous prediction core: one loaded model, two interchangeable backends.
+
+Everything here is plain blocking code; the service runs it on its inference pool.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, row_values
+from models.store import COMPILED_FILE, ModelBundle, ModelLoadError, load_bundle
+
+_EPS = 1e-15  # keeps log-odds finite for probabilities that round to 0 or 1
+
+
+def log_odds(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+class Predictor:
+    """Churn probabilities for rows of feature values (tuples in FEATURE_NAMES order).
+
+    Serves the compiled (ONNX Runtime) model when training stored one whose parity with
+    the scikit-learn pipeline held on every row; otherwise the scikit-learn pipeline.
+    """
+
+    def __init__(self, bundle: ModelBundle, prefer_compiled: bool = True, runtime_threads: int = 1):
+        self.bundle = bundle
+        self.threshold = bundle.threshold
+        self.compiled = None
+        compiled_meta = bundle.metadata.get("compiled", {})
+        self.backend = "sklearn"
+        self.backend_reason = "no compiled model in the model-store entry"
+        if prefer_compiled and compiled_meta.get("enabled") and compiled_meta.get("passed"):
+            from models.compiled import CompiledModel
+
+            blob = bundle.files.get(COMPILED_FILE)
+            if blob is not None:
+                self.compiled = CompiledModel(blob, threads=runtime_threads)
+                self.backend = "onnxruntime"
+                self.backend_reason = (
+                    f"parity held on {compiled_meta['rows']} rows "
+                    f"(max |diff| {compiled_meta['max_abs_diff']:.1e}, "
+                    f"{compiled_meta['decision_mismatches']} decision mismatches)"
+                )
+        elif not prefer_compiled:
+            self.backend_reason = "compiled model disabled by configuration"
+        elif compiled_meta.get("enabled"):
+            self.backend_reason = "compiled model failed its parity check at training time"
+
+    # ------------------------------------------------------------------ predictions
+
+    def predict_rows(self, rows: Sequence[Sequence[Any]]) -> np.ndarray:
+        """P(churn) for each row, float64, in input order."""
+        if self.compiled is not None:
+            return self.compiled.predict_proba_rows(rows)
+        frame = pd.DataFrame.from_records(rows, columns=list(FEATURE_NAMES))
+        return self.bundle.pipeline.predict_proba(frame)[:, 1]
+
+    def predict_frame(self, frame: pd.DataFrame) -> np.ndarray:
+        if self.compiled is not None:
+            return self.compiled.predict_proba_frame(frame)
+        return self.bundle.pipeline.predict_proba(frame[list(FEATURE_NAMES)])[:, 1]
+
+    def sklearn_proba(self, rows: Sequence[Sequence[Any]]) -> np.ndarray:
+        """The scikit-learn pipeline's own answer (reference for parity checks)."""
+        frame = pd.DataFrame.from_records(rows, columns=list(FEATURE_NAMES))
+        return self.bundle.pipeline.predict_proba(frame)[:, 1]
+
+    # ------------------------------------------------------------------ explanations
+
+    def explain(self, row: Sequence[Any]) -> dict[str, Any]:
+        """Exact Shapley values of the churn log-odds for one customer.
+
+        The value of a feature subset S is the mean log-odds over the stored background
+        customers with the features in S set to this customer's values (interventional
+        Shapley). All 2^10 subsets are evaluated, so the contributions are exact, not
+        sampled, and they add up: base_value + sum(contributions) == log_odds(p(customer)).
+        """
+        n = len(FEATURE_NAMES)
+        background = self.bundle.background[list(FEATURE_NAMES)].to_numpy(dtype=object)
+        k = len(background)
+        masks = np.array(list(itertools.product((False, True), repeat=n)), dtype=bool)  # (2^n, n)
+        x = np.array(row, dtype=object)
+        hybrid = np.where(masks[:, None, :], x[None, None, :], background[None, :, :]).reshape(-1, n)
+        frame = pd.DataFrame(hybrid, columns=list(FEATURE_NAMES))
+        for name in frame.columns:
+            if name not in ("Geography", "Gender"):
+                frame[name] = frame[name].astype("float64")
+        value = log_odds(self.predict_frame(frame)).reshape(len(masks), k).mean(axis=1)
+
+        # Subset i contains feature j when bit (n-1-j) of i is set (itertools.product order).
+        ids = np.arange(len(masks))
+        sizes = masks.sum(axis=1)
+        weights = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)])
+        phi = np.zeros(n)
+        for j in range(n):
+            bit = 1 << (n - 1 - j)
+            without = ids[(ids & bit) == 0]
+            phi[j] = np.sum(weights[sizes[without]] * (value[without | bit] - value[without]))
+
+        full, base = value[-1], value[0]
+        order = np.argsort(-np.abs(phi), kind="stable")
+        return {
+            "base_value": float(base),
+            "log_odds": float(full),
+            "churn_probability": float(1 / (1 + math.exp(-full))),
+            "contributions": [
+                {"feature": FEATURE_NAMES[j], "value": row[j], "contribution": float(phi[j])} for j in order
+            ],
+            "method": f"exact interventional Shapley values of the log-odds ({len(masks)} feature subsets, "
+            f"{k} background customers)",
+        }
+
+
+def load_predictor(model: Any, prefer_compiled: bool = True, runtime_threads: int = 1) -> Predictor:
+    """Load a stored model, build its predictor and prove it with a warm-up prediction.
+
+    Any failure becomes a ModelLoadError whose message names the model and what to do.
+    """
+    bundle = load_bundle(model, optional_files=(COMPILED_FILE,))
+    try:
+        predictor = Predictor(bundle, prefer_compiled, runtime_threads)
+        proba = predictor.predict_rows([row_values(EXAMPLE_CUSTOMER)])
+    except Exception as exc:  # any failure here means the artifact cannot serve
+        raise ModelLoadError(
+            f"model '{bundle.tag}' failed its warm-up prediction ({type(exc).__name__}: {exc}); retrain it"
+        ) from exc
+    if not (proba.shape == (1,) and 0.0 <= float(proba[0]) <= 1.0):
+        raise ModelLoadError(f"model '{bundle.tag}' returned {proba!r} for the warm-up customer; retrain it")
+    return predictor

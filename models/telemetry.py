@@ -1,0 +1,133 @@
+"""Metrics (Prometheus, on BentoML's /metrics) and tracing (OpenTelemetry) for the service.
+
+Counters and histograms use prometheus_client's default registry, which BentoML collects in
+multiprocess mode. Live state (pool threads busy, queue depth, served model) is rendered at
+scrape time by the service's `__metrics__` hook, so it is exact rather than last-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram
+
+PREFIX = "bank_churn"
+STAGES = ("validate", "featurize", "queue", "predict", "explain", "csv_parse")
+
+STAGE_SECONDS = Histogram(
+    f"{PREFIX}_stage_duration_seconds",
+    "Time spent per stage of a request",
+    ["stage"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
+BATCH_ROWS = Histogram(
+    f"{PREFIX}_batch_rows",
+    "Rows per model call (coalesced /predict batches, /predict_batch and CSV jobs)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 10_000, 100_000),
+)
+PREDICTIONS = Counter(f"{PREFIX}_predictions_total", "Customers scored, by decision", ["will_churn"])
+SHED = Counter(f"{PREFIX}_shed_requests_total", "Requests refused because the service was overloaded")
+
+_model_info: dict[str, str] = {}
+_watched: list[Any] = []
+
+# Set by the HTTP middleware when a request arrives: 'validate' = arrival -> API entry
+# (body read, JSON parsing and schema validation all happen in BentoML before our code).
+REQUEST_START: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_start", default=None)
+
+_tracer: trace.Tracer = trace.NoOpTracer()
+
+
+def configure_tracing(exporter: str | Any = "none") -> None:
+    """Turn tracing on: 'none' (default), 'console', 'otlp' (OTEL_EXPORTER_OTLP_* env vars),
+    or an exporter object (tests pass an in-memory exporter)."""
+    global _tracer
+    if exporter == "none":
+        _tracer = trace.NoOpTracer()
+        return
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    if exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        processor = SimpleSpanProcessor(ConsoleSpanExporter())
+    elif exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        processor = BatchSpanProcessor(OTLPSpanExporter())
+    else:
+        processor = SimpleSpanProcessor(exporter)
+    service_name = os.environ.get("OTEL_SERVICE_NAME", "bank-churn")
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider.add_span_processor(processor)
+    _tracer = provider.get_tracer(PREFIX)
+
+
+@contextlib.contextmanager
+def stage(name: str, **attributes: Any) -> Iterator[None]:
+    """Time a stage into the histogram and, when tracing is on, a span of the same name."""
+    start = time.perf_counter()
+    with _tracer.start_as_current_span(f"{PREFIX}.{name}", attributes=attributes):
+        try:
+            yield
+        finally:
+            STAGE_SECONDS.labels(name).observe(time.perf_counter() - start)
+
+
+def record_since_request_start(name: str) -> None:
+    """Record the time from request arrival to now as stage `name` (span included)."""
+    started = REQUEST_START.get()
+    if started is None:
+        return
+    elapsed = time.perf_counter() - started
+    STAGE_SECONDS.labels(name).observe(elapsed)
+    if not isinstance(_tracer, trace.NoOpTracer):
+        end_ns = time.time_ns()
+        span = _tracer.start_span(f"{PREFIX}.{name}", start_time=end_ns - int(elapsed * 1e9))
+        span.end(end_time=end_ns)
+
+
+def record_predictions(proba: np.ndarray, threshold: float) -> None:
+    churn = int(np.count_nonzero(proba >= threshold))
+    if churn:
+        PREDICTIONS.labels("true").inc(churn)
+    if len(proba) - churn:
+        PREDICTIONS.labels("false").inc(len(proba) - churn)
+
+
+def set_model_info(tag: str, backend: str) -> None:
+    _model_info.update(tag=tag, backend=backend)
+
+
+def watch_pool(pool: Any, batcher: Any) -> None:
+    _watched[:] = [pool, batcher]
+
+
+def live_metrics() -> str:
+    """Prometheus text for the process's live state, appended to BentoML's /metrics."""
+    lines = []
+    if _model_info:
+        lines += [
+            f"# HELP {PREFIX}_model_info The served model version and backend",
+            f"# TYPE {PREFIX}_model_info gauge",
+            f'{PREFIX}_model_info{{tag="{_model_info["tag"]}",backend="{_model_info["backend"]}"}} 1',
+        ]
+    if _watched:
+        pool, batcher = _watched
+        for name, help_, value in (
+            ("pool_threads", "Threads in the inference pool", pool.threads),
+            ("pool_busy_threads", "Inference threads running a job now", pool.busy),
+            ("pool_queued_jobs", "Jobs waiting for an inference thread", pool.queued),
+            ("batcher_pending_rows", "Single-row predictions waiting to join a batch", batcher.pending),
+        ):
+            lines += [f"# HELP {PREFIX}_{name} {help_}", f"# TYPE {PREFIX}_{name} gauge", f"{PREFIX}_{name} {value}"]
+    return "\n".join(lines) + "\n"

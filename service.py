@@ -1,0 +1,204 @@
+"""BankChurn: the churn stacking ensemble served with BentoML.
+
+All APIs are `async def` and only validate, await the inference pool and shape the
+response; the blocking work lives in `models/` and runs on a small, bounded thread pool,
+so the event loop (and with it /livez and /readyz) stays responsive under any load.
+
+    bentoml serve            # http://localhost:3000, docs at /
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from bentoml.validators import ContentType
+from pydantic import BaseModel, Field
+
+from models import telemetry
+from models.batch import score_csv_bytes
+from models.concurrency import InferencePool, MicroBatcher, Overloaded
+from models.http import BodyLimitMiddleware, ValidationMessageMiddleware, error_response
+from models.predictor import load_predictor
+from models.schema import EXAMPLE_CUSTOMER, Customer, row_values, schema_dict
+from models.settings import Settings
+from models.store import get_stored
+
+logger = logging.getLogger("bentoml.service.bank_churn")
+settings = Settings()
+# The model is resolved, loaded and warmed up when this module is imported, on purpose: the
+# `bentoml serve` arbiter imports it too, so a missing, corrupted or mismatched model stops
+# start-up at once with a clear message. (Failing later, in a worker, makes the arbiter
+# respawn the worker forever.) ':latest' is pinned to one version here.
+STORED_MODEL = get_stored(settings.model_tag)
+PREDICTOR = load_predictor(STORED_MODEL, settings.use_compiled, settings.runtime_threads)
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+class Contribution(BaseModel):
+    feature: str
+    value: Any
+    contribution: float = Field(description="change in churn log-odds due to this feature's value")
+
+
+class Explanation(BaseModel):
+    base_value: float = Field(description="mean log-odds over the background customers")
+    log_odds: float = Field(description="base_value + sum of contributions")
+    churn_probability: float
+    contributions: list[Contribution] = Field(description="sorted by absolute contribution, largest first")
+    method: str
+
+
+class Prediction(BaseModel):
+    churn_probability: float = Field(ge=0, le=1)
+    will_churn: bool = Field(description="churn_probability >= threshold")
+    threshold: float
+    model_version: str
+    explanation: Explanation | None = None
+
+
+class BatchPrediction(BaseModel):
+    predictions: list[Prediction]
+
+
+@bentoml.service(
+    # One worker per process: the pod, not the process, is the unit of scale (seeds, ADR-014).
+    workers=1,
+    traffic={"timeout": settings.request_timeout_s},
+    envs=[{"name": "OMP_NUM_THREADS", "value": "1"}],
+    labels={"owner": "ml-platform", "project": "bank-churn"},
+)
+class BankChurn:
+    # A class attribute makes the model a dependency of the service: `bentoml build` packs it.
+    model_ref = bentoml.models.BentoModel(STORED_MODEL.tag)
+
+    def __init__(self) -> None:
+        self.ready = False
+        telemetry.configure_tracing(settings.otel_exporter)
+        self.predictor = PREDICTOR
+        self.tag = PREDICTOR.bundle.tag
+        self.pool = InferencePool(settings.inference_threads, settings.max_queue)
+        self.batcher = MicroBatcher(
+            self._predict_rows,
+            self.pool,
+            max_batch=settings.micro_batch_rows,
+            max_pending=settings.max_queue,
+            on_batch=telemetry.BATCH_ROWS.observe,
+            on_wait=telemetry.STAGE_SECONDS.labels("queue").observe,
+        )
+        telemetry.set_model_info(self.tag, self.predictor.backend)
+        telemetry.watch_pool(self.pool, self.batcher)
+        # Warm-up: readiness turns true only after a real prediction has succeeded.
+        self._predict_rows([row_values(EXAMPLE_CUSTOMER)])
+        self.ready = True
+        logger.info("serving %s with %s (%s)", self.tag, self.predictor.backend, self.predictor.backend_reason)
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    def __metrics__(self, content: str) -> str:
+        # BentoML's /metrics hook: append the live pool/queue gauges of this process.
+        return content + telemetry.live_metrics()
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.ready = False
+        self.pool.shutdown()
+
+    # ------------------------------------------------------------------ sync core
+
+    def _predict_rows(self, rows: list[tuple]) -> list[float]:
+        with telemetry.stage("predict"):
+            proba = self.predictor.predict_rows(rows)
+        telemetry.record_predictions(proba, self.predictor.threshold)
+        return proba.tolist()
+
+    def _prediction(self, p: float, explanation: dict | None = None) -> Prediction:
+        return Prediction(
+            churn_probability=p,
+            will_churn=p >= self.predictor.threshold,
+            threshold=self.predictor.threshold,
+            model_version=self.tag,
+            explanation=explanation,
+        )
+
+    # ------------------------------------------------------------------ APIs
+
+    @bentoml.api
+    async def predict(self, customer: Customer, explain: bool = False) -> Prediction:  # type: ignore[valid-type]
+        """Churn probability for one customer; `explain: true` adds per-feature contributions."""
+        telemetry.record_since_request_start("validate")
+        with telemetry.stage("featurize"):
+            row = row_values(customer)
+        try:
+            if explain:
+                p = await self.batcher.submit(row)
+                explanation = await self.pool.run(self._explain, row)
+                return self._prediction(p, explanation)
+            return self._prediction(await self.batcher.submit(row))
+        except Overloaded as exc:
+            return error_response(503, f"overloaded: {exc}; retry later", headers=RETRY_AFTER)
+
+    @bentoml.api
+    async def predict_batch(
+        self,
+        customers: Annotated[list[Customer], Field(min_length=1, max_length=settings.max_batch_rows)],  # type: ignore[valid-type]
+    ) -> BatchPrediction:
+        """Churn probabilities for 1 to BANKCHURN_MAX_BATCH_ROWS customers, in input order."""
+        telemetry.record_since_request_start("validate")
+        with telemetry.stage("featurize"):
+            rows = [row_values(c) for c in customers]
+        telemetry.BATCH_ROWS.observe(len(rows))
+        try:
+            probabilities = await self.pool.run(self._predict_rows, rows)
+        except Overloaded as exc:
+            return error_response(503, f"overloaded: {exc}; retry later", headers=RETRY_AFTER)
+        return BatchPrediction(predictions=[self._prediction(p) for p in probabilities])
+
+    @bentoml.api
+    async def explain(self, customer: Customer) -> Explanation:  # type: ignore[valid-type]
+        """Per-feature contributions to the churn log-odds; base_value + their sum = log_odds."""
+        try:
+            return Explanation(**await self.pool.run(self._explain, row_values(customer)))
+        except Overloaded as exc:
+            return error_response(503, f"overloaded: {exc}; retry later", headers=RETRY_AFTER)
+
+    def _explain(self, row: tuple) -> dict:
+        with telemetry.stage("explain"):
+            return self.predictor.explain(row)
+
+    @bentoml.api
+    async def model_card(self) -> dict:
+        """The served model: tag, creation time, backend, metrics, threshold and schema."""
+        meta = self.predictor.bundle.metadata
+        return {
+            "tag": self.tag,
+            "created": self.predictor.bundle.created,
+            "serving_backend": self.predictor.backend,
+            "serving_backend_reason": self.predictor.backend_reason,
+            "threshold": self.predictor.threshold,
+            "threshold_rule": meta.get("threshold_rule"),
+            "metrics": meta.get("metrics"),
+            "base_learners_test_roc_auc": meta.get("base_learners_test_roc_auc"),
+            "compiled": meta.get("compiled"),
+            "data": meta.get("data"),
+            "library_versions": meta.get("library_versions"),
+            "schema": schema_dict(),
+            "limits": {"max_batch_rows": settings.max_batch_rows, "max_csv_rows": settings.max_csv_rows},
+        }
+
+    @bentoml.task
+    async def score_csv(self, file: Annotated[Path, ContentType("text/csv")]) -> dict:
+        """Scoring job for a CSV of customers (dataset columns; extra columns ignored).
+
+        Submit with POST /score_csv/submit, poll GET /score_csv/status?task_id=..., fetch
+        GET /score_csv/get?task_id=.... Bad rows are reported one by one; good rows are scored.
+        """
+        data = Path(file).read_bytes()
+        return await self.pool.run(score_csv_bytes, self.predictor, data, settings.max_csv_rows)
+
+
+BankChurn.add_asgi_middleware(ValidationMessageMiddleware)
+BankChurn.add_asgi_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -1,0 +1,246 @@
+"""The service over real HTTP, served by a real `bentoml serve` subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
+from tests.helpers import ROOT, metric, to_json_row
+
+
+def post(server, path, payload, **kw):
+    return httpx.post(f"{server.url}{path}", json=payload, timeout=60, **kw)
+
+
+def test_served_probabilities_equal_the_models_own(server, trained, sample_rows):
+    rows = [to_json_row(r) for r in sample_rows[:60]]
+    served = [post(server, "/predict", {"customer": r}).json() for r in rows]
+    expected = trained.pipeline.predict_proba(pd.DataFrame(sample_rows[:60])[list(FEATURE_NAMES)])[:, 1]
+    got = np.array([s["churn_probability"] for s in served])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    threshold = trained.report["threshold"]
+    assert [s["will_churn"] for s in served] == list(expected >= threshold)
+    assert {s["model_version"] for s in served} == {str(trained.model.tag)}
+    assert all(s["threshold"] == threshold and s["explanation"] is None for s in served)
+
+
+def test_batch_equals_singles_in_input_order(server, sample_rows):
+    rows = [to_json_row(r) for r in sample_rows]
+    batch = post(server, "/predict_batch", {"customers": rows})
+    assert batch.status_code == 200
+    batch_p = [p["churn_probability"] for p in batch.json()["predictions"]]
+
+    async def singles():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            responses = await asyncio.gather(*(c.post("/predict", json={"customer": r}) for r in rows))
+        return [r.json()["churn_probability"] for r in responses]
+
+    # concurrent singles are coalesced into micro-batches on the server: same answers
+    assert asyncio.run(singles()) == batch_p
+
+
+def test_explanation_is_additive_and_sorted(server):
+    e = post(server, "/explain", {"customer": EXAMPLE_CUSTOMER}).json()
+    contributions = [c["contribution"] for c in e["contributions"]]
+    assert math.isclose(e["base_value"] + sum(contributions), e["log_odds"], abs_tol=1e-9)
+    p = post(server, "/predict", {"customer": EXAMPLE_CUSTOMER}).json()["churn_probability"]
+    assert math.isclose(e["log_odds"], math.log(p / (1 - p)), abs_tol=1e-9)
+    assert [abs(c) for c in contributions] == sorted((abs(c) for c in contributions), reverse=True)
+    assert {c["feature"] for c in e["contributions"]} == set(FEATURE_NAMES)
+
+
+def test_predict_with_explain_flag(server):
+    r = post(server, "/predict", {"customer": EXAMPLE_CUSTOMER, "explain": True}).json()
+    assert r["explanation"]["churn_probability"] == pytest.approx(r["churn_probability"], abs=1e-12)
+
+
+def test_model_card(server, trained):
+    card = post(server, "/model_card", {}).json()
+    assert card["tag"] == str(trained.model.tag)
+    assert card["serving_backend"] == "onnxruntime"
+    assert card["threshold"] == trained.report["threshold"]
+    assert card["metrics"]["roc_auc"] == trained.report["metrics"]["roc_auc"]
+    assert [f["name"] for f in card["schema"]["features"]] == list(FEATURE_NAMES)
+    assert card["created"]
+
+
+CUSTOMER = EXAMPLE_CUSTOMER
+BAD_PAYLOADS = [
+    # (id, payload, field named in the error, what the message must say)
+    (
+        "missing-field",
+        {"customer": {k: v for k, v in CUSTOMER.items() if k != "Age"}},
+        "customer.Age",
+        "Field required",
+    ),
+    ("unknown-geography", {"customer": {**CUSTOMER, "Geography": "Italy"}}, "customer.Geography", "'France'"),
+    ("credit-too-high", {"customer": {**CUSTOMER, "CreditScore": 901}}, "customer.CreditScore", "[300, 900]"),
+    ("negative-balance", {"customer": {**CUSTOMER, "Balance": -1.0}}, "customer.Balance", "greater than or equal to 0"),
+    ("age-too-low", {"customer": {**CUSTOMER, "Age": 12}}, "customer.Age", "[18, 100]"),
+    ("flag-not-0-1", {"customer": {**CUSTOMER, "HasCrCard": 2}}, "customer.HasCrCard", "0 or 1"),
+    ("flag-bool", {"customer": {**CUSTOMER, "IsActiveMember": True}}, "customer.IsActiveMember", "valid integer"),
+    ("float-for-int", {"customer": {**CUSTOMER, "NumOfProducts": 1.5}}, "customer.NumOfProducts", "valid integer"),
+    ("number-as-string", {"customer": {**CUSTOMER, "Age": "42"}}, "customer.Age", "valid integer"),
+    ("null-value", {"customer": {**CUSTOMER, "Tenure": None}}, "customer.Tenure", "valid integer"),
+    ("extra-field", {"customer": {**CUSTOMER, "Ages": 3}}, "customer.Ages", "allowed fields"),
+    ("not-an-object", {"customer": [1, 2, 3]}, "customer", "should be an object"),
+    ("no-customer", {}, "customer", "Field required"),
+    ("empty-batch", {"customers": []}, "customers", "at least 1 item"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field", "says"), [p[1:] for p in BAD_PAYLOADS], ids=[p[0] for p in BAD_PAYLOADS])
+def test_bad_payloads_get_400_naming_the_field(server, payload, field, says):
+    path = "/predict_batch" if "customers" in payload else "/predict"
+    r = post(server, path, payload)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert f"{field}:" in error and says in error, error
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_literals_are_refused(server, literal):
+    body = json.dumps({"customer": {**CUSTOMER, "Balance": 0.0}}).replace('"Balance": 0.0', f'"Balance": {literal}')
+    r = httpx.post(f"{server.url}/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "customer.Balance" in r.json()["error"]
+
+
+def test_invalid_json_is_a_400(server):
+    r = httpx.post(f"{server.url}/predict", content=b'{"customer": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "Invalid JSON" in r.json()["error"]
+
+
+def test_batch_over_the_limit_is_refused(server):
+    rows = [CUSTOMER] * 10_001
+    r = post(server, "/predict_batch", {"customers": rows})
+    assert r.status_code == 400 and "at most 10000 items" in r.json()["error"]
+
+
+def _probe(url: str, stop: threading.Event, out: list[tuple[str, float, int]]) -> None:
+    with httpx.Client(timeout=10) as c:
+        while not stop.is_set():
+            for path in ("/livez", "/readyz"):
+                t0 = time.perf_counter()
+                status = c.get(f"{url}{path}").status_code
+                out.append((path, time.perf_counter() - t0, status))
+            time.sleep(0.02)
+
+
+def test_health_stays_fast_while_the_pool_is_saturated(server):
+    """Many slow requests (explanations: ~1,000 model rows each) fill the inference pool;
+    the probes must still answer within 100 ms because no CPU work runs on the loop."""
+    probes: list[tuple[str, float, int]] = []
+    saturation: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/explain", json={"customer": CUSTOMER}) for _ in range(40)))
+
+    def watch_pool():
+        with httpx.Client(timeout=10) as c:
+            while not stop.is_set():
+                text = c.get(f"{server.url}/metrics").text
+                busy = metric(text, "bank_churn_pool_busy_threads")
+                queued = metric(text, "bank_churn_pool_queued_jobs")
+                saturation.append((busy, queued))
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=_probe, args=(server.url, stop, probes)), threading.Thread(target=watch_pool)]
+    for t in threads:
+        t.start()
+    try:
+        responses = asyncio.run(flood())
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert all(r.status_code in (200, 503) for r in responses)
+    assert sum(r.status_code == 200 for r in responses) >= 20
+    assert max(q for _, q in saturation) >= 5, f"the pool was never saturated: {saturation}"
+    assert len(probes) >= 10
+    assert all(status == 200 for _, _, status in probes)
+    worst = max(latency for _, latency, _ in probes)
+    assert worst < 0.1, f"slowest health probe took {worst * 1000:.0f} ms"
+
+
+def _csv(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    pd.DataFrame(rows).to_csv(buf, index=False)
+    return buf.getvalue().encode()
+
+
+def test_csv_scoring_job_reports_bad_rows_and_scores_the_rest(server, dataset, sample_rows):
+    good = [{"CustomerId": 1000 + i, **to_json_row(r)} for i, r in enumerate(sample_rows[:30])]
+    bad = [
+        {**good[0], "CustomerId": 1, "Geography": "Atlantis"},
+        {**good[0], "CustomerId": 2, "Age": "old"},
+        {**good[0], "CustomerId": 3, "Balance": -5},
+    ]
+    data = _csv(good[:10] + bad + good[10:])
+    submit = httpx.post(f"{server.url}/score_csv/submit", files={"file": ("c.csv", data, "text/csv")}, timeout=30)
+    assert submit.status_code == 200
+    task_id = submit.json()["task_id"]
+    deadline = time.monotonic() + 60
+    while (status := httpx.get(f"{server.url}/score_csv/status", params={"task_id": task_id}).json()["status"]) in (
+        "in_progress",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status == "completed"
+    result = httpx.get(f"{server.url}/score_csv/get", params={"task_id": task_id}).json()
+    assert (result["rows"], result["scored"], result["failed"]) == (33, 30, 3)
+    assert [e["row"] for e in result["errors"]] == [11, 12, 13]
+    assert "Geography" in result["errors"][0]["error"] and "Age" in result["errors"][1]["error"]
+    assert "Balance" in result["errors"][2]["error"]
+    singles = post(server, "/predict_batch", {"customers": [to_json_row(r) for r in sample_rows[:30]]}).json()
+    assert [p["churn_probability"] for p in result["predictions"]] == [
+        p["churn_probability"] for p in singles["predictions"]
+    ]
+    assert result["predictions"][0]["customer_id"] == "1000"
+
+
+def test_csv_job_missing_columns_is_rejected_clearly(server):
+    data = b"CustomerId,Age\n1,40\n"
+    task_id = httpx.post(f"{server.url}/score_csv/submit", files={"file": ("c.csv", data, "text/csv")}).json()[
+        "task_id"
+    ]
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.url}/score_csv/status", params={"task_id": task_id}).json()["status"] == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    result = httpx.get(f"{server.url}/score_csv/get", params={"task_id": task_id}).json()
+    assert result["status"] == "rejected" and "missing column(s): CreditScore" in result["error"]
+
+
+def test_openapi_documents_the_schema_with_an_example(server):
+    spec = httpx.get(f"{server.url}/docs.json").json()
+    assert {"/predict", "/predict_batch", "/explain", "/model_card", "/score_csv/submit"} <= set(spec["paths"])
+    text = json.dumps(spec)
+    assert '"Geography"' in text and "France" in text and "101348.88" in text
+
+
+def test_client_example_runs(server):
+    proc = subprocess.run(
+        [sys.executable, "examples/client.py", "--url", server.url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for api in ("predict:", "predict_batch:", "explain:", "model_card:", "async predict:", "score_csv job"):
+        assert api in proc.stdout

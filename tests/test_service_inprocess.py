@@ -1,0 +1,53 @@
+"""The service class in-process: called directly, and through its ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from starlette.testclient import TestClient
+
+from models.schema import EXAMPLE_CUSTOMER, Customer, frame_from_rows
+
+
+@pytest.fixture(scope="module")
+def service_module(trained):
+    # service.py reads its settings at import; point it at the session's model first.
+    os.environ["BANKCHURN_MODEL_TAG"] = str(trained.model.tag)
+    try:
+        import service
+    finally:
+        del os.environ["BANKCHURN_MODEL_TAG"]
+    assert str(service.STORED_MODEL.tag) == str(trained.model.tag)
+    return service
+
+
+@pytest.fixture(scope="module")
+def client(service_module):
+    # One ASGI app per process: a second to_asgi() clashes on Prometheus metrics (bentoml 1.4).
+    with TestClient(service_module.BankChurn.to_asgi()) as c:
+        yield c
+
+
+def test_direct_call(service_module, trained):
+    svc = service_module.BankChurn()
+    assert svc.__is_ready__()
+    out = asyncio.run(svc.predict(customer=Customer(**EXAMPLE_CUSTOMER)))
+    expected = trained.pipeline.predict_proba(frame_from_rows([EXAMPLE_CUSTOMER]))[0, 1]
+    assert out.churn_probability == pytest.approx(expected, abs=1e-6)
+    assert out.model_version == str(trained.model.tag)
+
+
+def test_asgi_app_serves_and_validates(client):
+    assert client.get("/readyz").status_code == 200
+    ok = client.post("/predict", json={"customer": EXAMPLE_CUSTOMER})
+    assert ok.status_code == 200 and 0 <= ok.json()["churn_probability"] <= 1
+    bad = client.post("/predict", json={"customer": {**EXAMPLE_CUSTOMER, "Gender": "X"}})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("customer.Gender:")
+
+
+def test_body_limit_is_413(client, service_module):
+    limit = service_module.settings.max_body_bytes
+    r = client.post("/predict", content=b"x" * (limit + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and str(limit) in r.json()["error"]
