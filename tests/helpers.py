@@ -50,23 +50,33 @@ def to_json_row(row: dict) -> dict:
 class ServeProcess:
     """A real `bentoml serve` of this repo's service, in its own process group."""
 
-    def __init__(self, env: dict[str, str] | None = None, port: int | None = None):
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        target: str = "service:BankChurn",
+        prefix: tuple[str, ...] = (),
+    ):
+        self.target = target
+        self.prefix = prefix  # e.g. ("taskset", "-c", "0") to pin the server to one core
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own
         self.proc: subprocess.Popen | None = None
-        self.log_path = Path(os.environ["BENTOML_HOME"]) / f"serve-{self.port}.log"
+        home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+        self.log_path = home / f"serve-{self.port}.log"
 
     def start(self) -> ServeProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "bentoml",
                 "serve",
-                "service:BankChurn",
+                self.target,
                 "--host",
                 "127.0.0.1",
                 "--port",

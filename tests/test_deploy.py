@@ -1,0 +1,524 @@
+"""Offline checks of the Kubernetes manifests in deploy/ (kustomize base + gke/eks overlays).
+
+Each target is rendered with `kubectl kustomize`, every object is validated against the
+Kubernetes JSON schemas of K8S_VERSION (kubernetes-validate ships them, no network), the
+serving invariants are asserted on the rendered objects, and checkov scans the rendered
+manifests (it must report zero failed checks; skips need a reason in the manifests).
+
+    .venv/bin/pytest -q tests/test_deploy.py
+
+Needs kubectl (built-in kustomize; override with $KUBECTL) and checkov in its own venv at
+.venv-checkov/bin/checkov (override with $CHECKOV), created by:
+
+    python3 -m venv .venv-checkov && .venv-checkov/bin/pip install uv && \
+    .venv-checkov/bin/uv pip install --python .venv-checkov/bin/python checkov==3.3.30
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+TARGETS = {
+    "base": DEPLOY / "base",
+    "gke": DEPLOY / "overlays" / "gke",
+    "eks": DEPLOY / "overlays" / "eks",
+}
+OVERLAYS = ("gke", "eks")
+
+# Oldest minor that GKE and EKS both still support in standard support when written;
+# kubernetes-validate 1.37.0 ships schemas for 1.25 .. 1.37.
+K8S_VERSION = "1.33"
+
+APP = "bank-churn"
+NAMESPACE = "bank-churn"
+SERVICE_NAME = "BankChurn"  # the BentoML service class: key of its config section
+CONTAINER_PORT = 3000  # BentoML's port in the image
+BENTO_UID = 1034  # the `bentoml` user of images built by `bentoml containerize`
+CPU_LIMIT_MILLI = 1000
+HPA_CPU_TARGET = 50
+HPA_SCALE_UP_WINDOW_S = 30
+STARTUP_BUDGET_S = 120  # model load + warm-up may take up to ~2 min
+
+BASE_KINDS = {
+    "Namespace",
+    "ServiceAccount",
+    "ConfigMap",
+    "Deployment",
+    "Service",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+}
+EXPECTED_KINDS = {
+    "base": BASE_KINDS,
+    "gke": BASE_KINDS | {"Ingress", "BackendConfig", "PodMonitoring"},
+    "eks": BASE_KINDS,
+}
+# Custom resources have no schema in kubernetes-validate; their fields are pinned in
+# OVERLAY_FACTS instead. Any other object without a schema is an error.
+CUSTOM_RESOURCES = {
+    ("cloud.google.com/v1", "BackendConfig"),
+    ("monitoring.googleapis.com/v1", "PodMonitoring"),
+}
+CLUSTER_SCOPED_KINDS = {"Namespace"}
+
+# Markers of one cloud that must not leak into the base or the other overlay.
+CLOUD_MARKERS = {
+    "gke": ("cloud.google.com", "googleapis.com", "docker.pkg.dev"),
+    "eks": ("amazonaws.com", "aws-load-balancer", "elbv2.k8s.aws"),
+}
+
+# (probe, path): BentoML's real health endpoints.
+PROBES = [
+    ("startupProbe", "/readyz"),
+    ("readinessProbe", "/readyz"),
+    ("livenessProbe", "/livez"),
+]
+
+# (env var, value) set directly on the container.
+CONTAINER_ENV = [
+    # One worker: `bentoml serve` reads BENTOML_API_WORKERS for legacy services; for
+    # BentoML >= 1.2 services only the config override below takes effect.
+    ("BENTOML_API_WORKERS", "1"),
+    ("BENTOML_CONFIG_OPTIONS", f"services.{SERVICE_NAME}.workers=1"),
+    ("TMPDIR", "/tmp"),
+    ("BENTOML_HOME", "/tmp/bentoml"),  # must be writable: the root filesystem is not
+]
+
+# (setting, value) in the settings ConfigMap.
+SETTINGS = [
+    ("BANKCHURN_INFERENCE_THREADS", "1"),
+    ("BANKCHURN_MAX_BATCH_ROWS", "10000"),
+    ("BANKCHURN_MAX_QUEUE", "256"),
+    ("BANKCHURN_REQUEST_TIMEOUT_S", "10"),
+    ("BANKCHURN_OTEL_EXPORTER", "none"),
+    ("OMP_NUM_THREADS", "1"),
+]
+
+PINNED = r"(:[\w][\w.-]{0,127}|@sha256:[0-9a-f]{64})$"  # a version tag or a digest
+IMAGE_PATTERNS = {
+    "base": r"^bank-churn" + PINNED,
+    "gke": r"^[A-Za-z0-9-]+-docker\.pkg\.dev/[^/]+/[^/]+/bank-churn" + PINNED,
+    "eks": r"^[A-Za-z0-9]+\.dkr\.ecr\.[A-Za-z0-9-]+\.amazonaws\.com/bank-churn" + PINNED,
+}
+
+# (target, kind, path, expected): what each overlay carries for its cloud.
+NLB = "service.beta.kubernetes.io/aws-load-balancer-"
+OVERLAY_FACTS = [
+    ("gke", "Service", ("metadata", "annotations", "cloud.google.com/neg"), '{"ingress": true}'),
+    ("gke", "Service", ("metadata", "annotations", "cloud.google.com/backend-config"), '{"default": "bank-churn"}'),
+    ("gke", "Service", ("spec", "type"), "ClusterIP"),
+    ("gke", "Ingress", ("metadata", "annotations", "kubernetes.io/ingress.class"), "gce"),
+    ("gke", "Ingress", ("spec", "defaultBackend", "service", "name"), APP),
+    ("gke", "BackendConfig", ("spec", "healthCheck", "type"), "HTTP"),
+    ("gke", "BackendConfig", ("spec", "healthCheck", "requestPath"), "/readyz"),
+    ("gke", "BackendConfig", ("spec", "healthCheck", "port"), CONTAINER_PORT),
+    ("gke", "PodMonitoring", ("spec", "selector", "matchLabels", "app.kubernetes.io/name"), APP),
+    ("gke", "PodMonitoring", ("spec", "endpoints", 0, "path"), "/metrics"),
+    ("gke", "Deployment", ("spec", "template", "spec", "nodeSelector", "cloud.google.com/gke-nodepool"), APP),
+    ("eks", "Service", ("spec", "type"), "LoadBalancer"),
+    ("eks", "Service", ("spec", "allocateLoadBalancerNodePorts"), False),
+    ("eks", "Service", ("metadata", "annotations", NLB + "type"), "external"),
+    ("eks", "Service", ("metadata", "annotations", NLB + "nlb-target-type"), "ip"),
+    ("eks", "Service", ("metadata", "annotations", NLB + "healthcheck-path"), "/readyz"),
+    ("eks", "Namespace", ("metadata", "labels", "elbv2.k8s.aws/pod-readiness-gate-inject"), "enabled"),
+    ("eks", "Deployment", ("spec", "template", "spec", "nodeSelector", "eks.amazonaws.com/nodegroup"), APP),
+]
+
+SKIP_ANNOTATION = re.compile(r"^checkov\.io/skip\d+$")
+SKIP_VALUE = re.compile(r"^(CKV2?_K8S_\d+)=(.+)$", re.S)
+
+
+# ---------------------------------------------------------------- rendering helpers
+
+
+def _tool(env_var: str, default: str | None, what: str, hint: str = "") -> str:
+    path = os.environ.get(env_var) or default
+    if not path or not (Path(path).is_file() and os.access(path, os.X_OK)):
+        pytest.fail(f"{what} not found at {path!r} (set ${env_var} to override). {hint}", pytrace=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    """Every target rendered once with `kubectl kustomize`, as a list of objects."""
+    kubectl = _tool("KUBECTL", shutil.which("kubectl"), "kubectl", "It ships kustomize; apt-get install kubectl.")
+    out = {}
+    for target, path in TARGETS.items():
+        proc = subprocess.run(
+            [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
+        out[target] = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkov_report(rendered, tmp_path_factory) -> dict[str, Any]:
+    """One checkov run over all rendered targets (files <target>.yaml), parsed from JSON."""
+    checkov = _tool(
+        "CHECKOV",
+        str(REPO / ".venv-checkov" / "bin" / "checkov"),
+        "checkov",
+        "Install it in its own venv (it conflicts with bentoml's pins): python3 -m venv .venv-checkov && "
+        ".venv-checkov/bin/pip install uv && "
+        ".venv-checkov/bin/uv pip install --python .venv-checkov/bin/python checkov==3.3.30",
+    )
+    scan_dir = tmp_path_factory.mktemp("checkov")
+    for target, docs in rendered.items():
+        (scan_dir / f"{target}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    env = {**os.environ, "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true"}  # offline: no PyPI lookup
+    proc = subprocess.run(
+        [checkov, "-d", ".", "--framework", "kubernetes", "--quiet", "--compact", "-o", "json", "--skip-download"],
+        cwd=scan_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    try:
+        reports = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"checkov gave no JSON (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    reports = reports if isinstance(reports, list) else [reports]
+    (report,) = [r for r in reports if r.get("check_type") == "kubernetes"]
+    return report
+
+
+def _get(obj: Any, path: tuple) -> Any:
+    for key in path:
+        obj = obj[key]
+    return obj
+
+
+def _one(docs: list[dict], kind: str, name: str = APP) -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def _pod_spec(docs: list[dict]) -> dict:
+    return _one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def _container(docs: list[dict]) -> dict:
+    containers = _pod_spec(docs)["containers"]
+    assert len(containers) == 1, "one container per pod (one server process)"
+    return containers[0]
+
+
+def _pod_labels(docs: list[dict]) -> dict:
+    return _one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def _selects_pods(match_labels: dict, docs: list[dict]) -> bool:
+    labels = _pod_labels(docs)
+    return bool(match_labels) and all(labels.get(k) == v for k, v in match_labels.items())
+
+
+def _container_port(container: dict, port: int | str) -> int:
+    """A probe/Service port (number or name) resolved to the container's port number."""
+    if isinstance(port, int):
+        return port
+    numbers = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
+    assert numbers, f"named port {port!r} is not declared on the container"
+    return numbers[0]
+
+
+def _millicores(quantity: str | int | float) -> int:
+    text = str(quantity)
+    return int(text[:-1]) if text.endswith("m") else round(float(text) * 1000)
+
+
+def _settings(docs: list[dict]) -> dict[str, str]:
+    """The data of the ConfigMap the container loads with envFrom (name has a hash)."""
+    refs = [e["configMapRef"]["name"] for e in _container(docs).get("envFrom", []) if "configMapRef" in e]
+    assert len(refs) == 1, "the container loads one settings ConfigMap with envFrom"
+    return _one(docs, "ConfigMap", refs[0])["data"]
+
+
+def _prestop_sleep_s(container: dict) -> int:
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert Path(command[0]).name == "sleep" and len(command) == 2, f"preStop must exec `sleep N`, got {command}"
+    return int(command[1])
+
+
+# ---------------------------------------------------------------- build and schema
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kustomize_renders_expected_objects(rendered, target):
+    kinds = sorted(d["kind"] for d in rendered[target])
+    assert set(kinds) == EXPECTED_KINDS[target]
+    assert len(kinds) == len(set(kinds)), f"one object per kind expected, got {kinds}"
+
+
+def test_schema_version_is_shipped():
+    shipped = {kubernetes_validate.utils.major_minor(v) for v in kubernetes_validate.utils.all_versions()}
+    assert kubernetes_validate.utils.major_minor(K8S_VERSION) in shipped
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_objects_validate_against_kubernetes_schema(rendered, target):
+    """Strict: unknown fields (typos) fail too."""
+    for doc in rendered[target]:
+        kind = (doc["apiVersion"], doc["kind"])
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            assert kind in CUSTOM_RESOURCES, f"no Kubernetes {K8S_VERSION} schema for {kind}"
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{target}: {doc['kind']}/{doc['metadata']['name']} is invalid for {K8S_VERSION}: {exc}")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_objects_live_in_the_namespace_with_common_labels(rendered, target):
+    for doc in rendered[target]:
+        meta = doc["metadata"]
+        where = f"{doc['kind']}/{meta['name']}"
+        if doc["kind"] not in CLUSTER_SCOPED_KINDS:
+            assert meta.get("namespace") == NAMESPACE, f"{where} is not in namespace {NAMESPACE}"
+        assert meta.get("labels", {}).get("app.kubernetes.io/name") == APP, f"{where} lacks the common labels"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_cloud_specific_settings_stay_in_their_overlay(rendered, target):
+    text = yaml.safe_dump_all(rendered[target])
+    for cloud, markers in CLOUD_MARKERS.items():
+        if cloud != target:
+            leaked = [m for m in markers if m in text]
+            assert not leaked, f"{target} contains {cloud}-specific settings: {leaked}"
+
+
+# ---------------------------------------------------------------- serving invariants
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_hpa_scales_the_deployment_on_cpu(rendered, target):
+    docs = rendered[target]
+    hpa = _one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": APP}
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    assert hpa["spec"]["metrics"] == [
+        {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": HPA_CPU_TARGET}},
+        }
+    ]
+    behavior = hpa["spec"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == HPA_SCALE_UP_WINDOW_S
+    assert behavior["scaleUp"]["policies"], "scale-up needs explicit policies"
+    assert behavior["scaleDown"]["policies"], "scale-down needs explicit policies"
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= HPA_SCALE_UP_WINDOW_S
+    # The HPA owns the replica count; a fixed one would be re-applied on every apply.
+    assert "replicas" not in _one(docs, "Deployment")["spec"]
+
+
+@pytest.mark.parametrize("probe, path", PROBES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_probes_hit_bentoml_health_endpoints_on_3000(rendered, target, probe, path):
+    container = _container(rendered[target])
+    http_get = container[probe]["httpGet"]
+    assert http_get["path"] == path
+    assert _container_port(container, http_get["port"]) == CONTAINER_PORT
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_startup_probe_allows_model_load(rendered, target):
+    startup = _container(rendered[target])["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= STARTUP_BUDGET_S
+
+
+@pytest.mark.parametrize("name, value", CONTAINER_ENV)
+@pytest.mark.parametrize("target", TARGETS)
+def test_container_env(rendered, target, name, value):
+    env = {e["name"]: e.get("value") for e in _container(rendered[target]).get("env", [])}
+    assert env.get(name) == value
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_image_entrypoint_is_not_overridden(rendered, target):
+    container = _container(rendered[target])
+    assert "command" not in container and "args" not in container, "the image's entrypoint runs bentoml serve"
+
+
+@pytest.mark.parametrize("name, value", SETTINGS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_service_settings_in_configmap(rendered, target, name, value):
+    assert _settings(rendered[target]).get(name) == value
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_model_tag_is_not_pinned_by_default(rendered, target):
+    assert "BANKCHURN_MODEL_TAG" not in _settings(rendered[target]), "default: serve the model packed in the image"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_resources_with_one_cpu_limit(rendered, target):
+    resources = _container(rendered[target])["resources"]
+    assert _millicores(resources["limits"]["cpu"]) == CPU_LIMIT_MILLI
+    assert 0 < _millicores(resources["requests"]["cpu"]) <= CPU_LIMIT_MILLI
+    assert resources["requests"]["memory"] and resources["limits"]["memory"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pod_runs_non_root_read_only_without_privileges(rendered, target):
+    pod = _pod_spec(rendered[target])
+    container = _container(rendered[target])
+    pod_sc, sc = pod.get("securityContext", {}), container.get("securityContext", {})
+    assert sc.get("runAsUser", pod_sc.get("runAsUser")) == BENTO_UID
+    assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc.get("privileged", False) is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+    assert sc.get("seccompProfile", pod_sc.get("seccompProfile")) == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == APP
+    assert _one(rendered[target], "ServiceAccount")["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_tmp_is_a_writable_emptydir(rendered, target):
+    pod = _pod_spec(rendered[target])
+    mounts = {m["mountPath"]: m for m in _container(rendered[target])["volumeMounts"]}
+    assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly", False)
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts["/tmp"]["name"])
+    assert "emptyDir" in volume
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_grace_period_outlasts_prestop_and_a_request(rendered, target):
+    docs = rendered[target]
+    timeout_s = int(_settings(docs)["BANKCHURN_REQUEST_TIMEOUT_S"])
+    sleep_s = _prestop_sleep_s(_container(docs))
+    assert sleep_s > 0
+    assert _pod_spec(docs)["terminationGracePeriodSeconds"] > timeout_s + sleep_s
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_service_targets_the_pods_on_3000(rendered, target):
+    docs = rendered[target]
+    service = _one(docs, "Service")
+    assert _selects_pods(service["spec"]["selector"], docs)
+    for port in service["spec"]["ports"]:
+        assert _container_port(_container(docs), port["targetPort"]) == CONTAINER_PORT
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pdb_selects_the_pods_and_leaves_one_running(rendered, target):
+    docs = rendered[target]
+    pdb = _one(docs, "PodDisruptionBudget")
+    assert _selects_pods(pdb["spec"]["selector"]["matchLabels"], docs)
+    min_replicas = _one(docs, "HorizontalPodAutoscaler")["spec"]["minReplicas"]
+    if "maxUnavailable" in pdb["spec"]:
+        assert pdb["spec"]["maxUnavailable"] < min_replicas
+    else:
+        assert 0 < pdb["spec"]["minAvailable"] < min_replicas
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_network_policy_allows_http_in_and_dns_out_only(rendered, target):
+    docs = rendered[target]
+    policy = _one(docs, "NetworkPolicy")["spec"]
+    assert _selects_pods(policy["podSelector"]["matchLabels"], docs)
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    ingress_ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert ingress_ports == {CONTAINER_PORT}
+    egress_ports = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
+    assert egress_ports == {("UDP", 53), ("TCP", 53)}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pods_spread_and_are_scraped(rendered, target):
+    docs = rendered[target]
+    pod = _pod_spec(docs)
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert "kubernetes.io/hostname" in keys
+    if target in OVERLAYS:
+        assert "topology.kubernetes.io/zone" in keys, "overlays spread over zones"
+    for constraint in pod["topologySpreadConstraints"]:
+        assert _selects_pods(constraint["labelSelector"]["matchLabels"], docs)
+    annotations = _one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == CONTAINER_PORT
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_image_points_at_the_target_registry(rendered, target):
+    image = _container(rendered[target])["image"]
+    assert re.match(IMAGE_PATTERNS[target], image), image
+    assert not image.endswith(":latest")
+
+
+@pytest.mark.parametrize(
+    "target, kind, path, expected", OVERLAY_FACTS, ids=[f"{t}-{k}-{p[-1]}" for t, k, p, _ in OVERLAY_FACTS]
+)
+def test_overlay_carries_its_cloud_settings(rendered, target, kind, path, expected):
+    docs = rendered[target]
+    (obj,) = [d for d in docs if d["kind"] == kind]
+    assert _get(obj, path) == expected
+
+
+def test_gke_ingress_backend_is_a_service_port(rendered):
+    docs = rendered["gke"]
+    backend = _one(docs, "Ingress")["spec"]["defaultBackend"]["service"]
+    service = _one(docs, "Service", backend["name"])
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert backend["port"]["name"] in ports
+
+
+# ---------------------------------------------------------------- static security scan
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_checkov_reports_no_failed_checks(checkov_report, target):
+    failed = [c for c in checkov_report["results"]["failed_checks"] if Path(c["file_path"]).stem == target]
+    assert not failed, "checkov failed checks:\n" + "\n".join(
+        f"  {c['check_id']} {c['resource']}: {c['check_name']}" for c in failed
+    )
+
+
+def test_checkov_scanned_everything_and_every_skip_is_annotated(checkov_report, rendered):
+    summary = checkov_report["summary"]
+    assert summary["parsing_errors"] == 0
+    assert summary["failed"] == 0
+    assert summary["resource_count"] >= sum(len(docs) for docs in rendered.values())
+    # A skip that no longer matches a finding is stale: the counts must agree.
+    annotated = sum(
+        1
+        for docs in rendered.values()
+        for doc in docs
+        for key in doc["metadata"].get("annotations", {})
+        if SKIP_ANNOTATION.match(key)
+    )
+    assert summary["skipped"] == annotated, (
+        f"checkov skipped {summary['skipped']} results but the manifests carry {annotated} skip annotations: "
+        "remove skips that no longer match a finding"
+    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_checkov_skips_carry_a_reason(rendered, target):
+    for doc in rendered[target]:
+        for key, value in doc["metadata"].get("annotations", {}).items():
+            if SKIP_ANNOTATION.match(key):
+                match = SKIP_VALUE.match(value)
+                assert match, f"{key}: {value!r} is not CKV_K8S_nn=reason"
+                assert len(match.group(2).split()) >= 5, f"{key}: give a real reason for skipping {match.group(1)}"
