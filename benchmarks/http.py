@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from models.schema import FEATURE_NAMES
-from tests.helpers import ROOT, ServeProcess, to_json_row
+from models.schema import FEATURE_NAMES, json_customer
+from tests.helpers import ROOT, ServeProcess
 from training.data import load_data
 
 SERVICES = {
@@ -80,7 +80,7 @@ def commit() -> str:
 
 def write_script(n: int) -> Path:
     rows = load_data()[list(FEATURE_NAMES)].sample(n, random_state=1).to_dict(orient="records")
-    bodies = ",\n".join(json.dumps(json.dumps({"customer": to_json_row(r)})) for r in rows)
+    bodies = ",\n".join(json.dumps(json.dumps({"customer": json_customer(r)})) for r in rows)
     path = Path(tempfile.mkdtemp(prefix="bench-")) / "predict.lua"
     path.write_text(LUA % {"bodies": bodies})
     return path

@@ -8,6 +8,7 @@ is bounded: past the bound, callers get Overloaded at once instead of waiting to
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +39,9 @@ class InferencePool:
             if self.queued >= self.max_queue:
                 raise Overloaded(f"{self.queued} jobs already queued on the {self.threads}-thread inference pool")
             self.queued += 1
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, args)
+        # Run in a copy of the caller's context, so tracing spans nest under the request.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, self._call, fn, args)
 
     def _call(self, fn: Callable[..., T], args: tuple) -> T:
         with self._lock:

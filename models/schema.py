@@ -7,7 +7,6 @@ tests draw their payloads from it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -221,11 +220,16 @@ def _build_customer_model() -> type[pydantic.BaseModel]:
 Customer = _build_customer_model()
 
 
+def json_customer(row: dict[str, Any]) -> dict[str, Any]:
+    """A dataset row as a client sends it: integers as int, amounts as float, categories as str."""
+    out = {}
+    for name in FEATURE_NAMES:
+        kind, value = BY_NAME[name].kind, row[name]
+        out[name] = str(value) if kind == "category" else int(value) if kind in ("int", "flag") else float(value)
+    return out
+
+
 def row_values(customer: pydantic.BaseModel | dict[str, Any]) -> tuple[Any, ...]:
     """A validated customer as a tuple in FEATURE_NAMES order (the predictor's row format)."""
     data = customer if isinstance(customer, dict) else customer.__dict__
     return tuple(data[name] for name in FEATURE_NAMES)
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -54,6 +54,7 @@ def configure_tracing(exporter: str | Any = "none") -> None:
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     if exporter == "console":
@@ -67,7 +68,10 @@ def configure_tracing(exporter: str | Any = "none") -> None:
     else:
         processor = SimpleSpanProcessor(exporter)
     service_name = os.environ.get("OTEL_SERVICE_NAME", "bank-churn")
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    # ALWAYS_ON, not the default parent-based sampler: our spans nest under BentoML's request
+    # span (same trace id as its access log), which is unsampled unless BentoML's own tracing
+    # is configured, and would otherwise drop them.
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}), sampler=ALWAYS_ON)
     provider.add_span_processor(processor)
     _tracer = provider.get_tracer(PREFIX)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from models.schema import json_customer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,8 +23,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """A sample's value from Prometheus text exposition (sum over unmatched labels)."""
+def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """A sample's value from Prometheus text exposition (sum over unmatched labels).
+
+    A labelled series exists only once observed: pass default=0 when absence means zero."""
     from prometheus_client.parser import text_string_to_metric_families
 
     total, found = 0.0, False
@@ -32,19 +36,13 @@ def metric(text: str, name: str, **labels: str) -> float:
                 total += sample.value
                 found = True
     if not found:
+        if default is not None:
+            return default
         raise KeyError(f"{name}{labels or ''} not in /metrics")
     return total
 
 
-def to_json_row(row: dict) -> dict:
-    """A dataset row as a client would send it: ints as ints, categories as strings."""
-    from models.schema import BY_NAME
-
-    out = {}
-    for name, value in row.items():
-        kind = BY_NAME[name].kind
-        out[name] = value if kind == "category" else (int(value) if kind in ("int", "flag") else float(value))
-    return out
+to_json_row = json_customer  # kept short for the tests' readability
 
 
 class ServeProcess:

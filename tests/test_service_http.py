@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
-from tests.helpers import ROOT, metric, to_json_row
+from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, json_customer
+from tests.helpers import ROOT, metric
 
 
 def post(server, path, payload, **kw):
@@ -25,7 +25,7 @@ def post(server, path, payload, **kw):
 
 
 def test_served_probabilities_equal_the_models_own(server, trained, sample_rows):
-    rows = [to_json_row(r) for r in sample_rows[:60]]
+    rows = [json_customer(r) for r in sample_rows[:60]]
     served = [post(server, "/predict", {"customer": r}).json() for r in rows]
     expected = trained.pipeline.predict_proba(pd.DataFrame(sample_rows[:60])[list(FEATURE_NAMES)])[:, 1]
     got = np.array([s["churn_probability"] for s in served])
@@ -37,7 +37,7 @@ def test_served_probabilities_equal_the_models_own(server, trained, sample_rows)
 
 
 def test_batch_equals_singles_in_input_order(server, sample_rows):
-    rows = [to_json_row(r) for r in sample_rows]
+    rows = [json_customer(r) for r in sample_rows]
     batch = post(server, "/predict_batch", {"customers": rows})
     assert batch.status_code == 200
     batch_p = [p["churn_probability"] for p in batch.json()["predictions"]]
@@ -184,7 +184,7 @@ def _csv(rows: list[dict]) -> bytes:
 
 
 def test_csv_scoring_job_reports_bad_rows_and_scores_the_rest(server, dataset, sample_rows):
-    good = [{"CustomerId": 1000 + i, **to_json_row(r)} for i, r in enumerate(sample_rows[:30])]
+    good = [{"CustomerId": 1000 + i, **json_customer(r)} for i, r in enumerate(sample_rows[:30])]
     bad = [
         {**good[0], "CustomerId": 1, "Geography": "Atlantis"},
         {**good[0], "CustomerId": 2, "Age": "old"},
@@ -206,7 +206,7 @@ def test_csv_scoring_job_reports_bad_rows_and_scores_the_rest(server, dataset, s
     assert [e["row"] for e in result["errors"]] == [11, 12, 13]
     assert "Geography" in result["errors"][0]["error"] and "Age" in result["errors"][1]["error"]
     assert "Balance" in result["errors"][2]["error"]
-    singles = post(server, "/predict_batch", {"customers": [to_json_row(r) for r in sample_rows[:30]]}).json()
+    singles = post(server, "/predict_batch", {"customers": [json_customer(r) for r in sample_rows[:30]]}).json()
     assert [p["churn_probability"] for p in result["predictions"]] == [
         p["churn_probability"] for p in singles["predictions"]
     ]

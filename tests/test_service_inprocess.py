@@ -51,3 +51,29 @@ def test_body_limit_is_413(client, service_module):
     limit = service_module.settings.max_body_bytes
     r = client.post("/predict", content=b"x" * (limit + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413 and str(limit) in r.json()["error"]
+
+
+def test_tracing_is_off_by_default_and_spans_each_stage_when_on(client):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from models import telemetry
+
+    assert isinstance(telemetry._tracer, trace.NoOpTracer)  # BANKCHURN_OTEL_EXPORTER defaults to none
+    exporter = InMemorySpanExporter()
+    telemetry.configure_tracing(exporter)
+    try:
+        assert client.post("/predict", json={"customer": EXAMPLE_CUSTOMER, "explain": True}).status_code == 200
+        assert client.post("/predict_batch", json={"customers": [EXAMPLE_CUSTOMER] * 3}).status_code == 200
+    finally:
+        telemetry.configure_tracing("none")
+    names = [s.name for s in exporter.get_finished_spans()]
+    for stage in ("validate", "featurize", "predict", "explain"):
+        assert f"bank_churn.{stage}" in names, names
+    assert names.count("bank_churn.validate") == 2
+    spans = exporter.get_finished_spans()
+    featurize = next(s for s in spans if s.name == "bank_churn.featurize")
+    predict = next(s for s in spans if s.name == "bank_churn.predict")
+    assert predict.end_time > predict.start_time
+    # the pool thread's span belongs to the request's trace
+    assert predict.context.trace_id == featurize.context.trace_id

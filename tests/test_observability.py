@@ -1,0 +1,50 @@
+"""Metrics on /metrics move with traffic; tracing spans go where the environment says."""
+
+from __future__ import annotations
+
+import httpx
+
+from models.schema import EXAMPLE_CUSTOMER
+from tests.helpers import ServeProcess, metric
+
+
+def scrape(url: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=10).text
+
+
+def test_custom_metrics_move(server, trained):
+    before = scrape(server.url)
+    for _ in range(5):
+        httpx.post(f"{server.url}/predict", json={"customer": EXAMPLE_CUSTOMER}, timeout=30)
+    httpx.post(f"{server.url}/predict_batch", json={"customers": [EXAMPLE_CUSTOMER] * 7}, timeout=30)
+    httpx.post(f"{server.url}/explain", json={"customer": EXAMPLE_CUSTOMER}, timeout=30)
+    after = scrape(server.url)
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, default=0.0, **labels)
+
+    assert delta("bank_churn_predictions_total") == 12  # 5 singles + 7 batch rows
+    assert delta("bank_churn_batch_rows_sum") == 12 and delta("bank_churn_batch_rows_count") == 6
+    for stage in ("validate", "featurize", "queue", "predict"):
+        assert delta("bank_churn_stage_duration_seconds_count", stage=stage) >= 5, stage
+    assert delta("bank_churn_stage_duration_seconds_count", stage="explain") == 1
+    assert metric(after, "bank_churn_model_info", tag=str(trained.model.tag), backend="onnxruntime") == 1
+    assert metric(after, "bank_churn_pool_threads") >= 1
+    assert metric(after, "bank_churn_pool_busy_threads") == 0 and metric(after, "bank_churn_pool_queued_jobs") == 0
+    # BentoML's own request metrics are still there
+    assert metric(after, "bentoml_service_request_total", endpoint="/predict") >= 5
+
+
+def test_tracing_exporter_from_environment(trained):
+    """BANKCHURN_OTEL_EXPORTER=console prints one span per stage of a real request."""
+    proc = ServeProcess(env={"BANKCHURN_MODEL_TAG": str(trained.model.tag), "BANKCHURN_OTEL_EXPORTER": "console"})
+    proc.start()
+    try:
+        proc.wait_ready()
+        r = httpx.post(f"{proc.url}/predict", json={"customer": EXAMPLE_CUSTOMER, "explain": True}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        proc.stop()
+    log = proc.log()
+    for span in ("bank_churn.validate", "bank_churn.featurize", "bank_churn.predict", "bank_churn.explain"):
+        assert f'"name": "{span}"' in log, span
