@@ -53,3 +53,21 @@ format: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .venv-checkov .pytest_cache .ruff_cache build
+
+## Benchmarks (figures, not tests): HTTP (bare vs seeds' pattern vs ours) and in-process.
+bench: $(VENV)/.installed
+	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk; }
+	$(PY) -m training --if-missing
+	$(PY) -m benchmarks.inprocess
+	$(PY) -m benchmarks.http
+
+## Locust profiles against a running service (make serve first); HOST=http://... to target another.
+HOST ?= http://localhost:3000
+load-smoke load load-stress: $(VENV)/.installed
+	$(PY) -m tests.load.run $(patsubst load-%,%,$@) --host $(HOST)
+
+## Build the Bento and a real container image here (no Docker: debootstrap + buildah), smoke-test it.
+image: $(VENV)/.installed
+	$(PY) -m training --if-missing
+	$(VENV)/bin/bentoml build
+	deploy/image/build.sh

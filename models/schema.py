@@ -220,6 +220,31 @@ def _build_customer_model() -> type[pydantic.BaseModel]:
 Customer = _build_customer_model()
 
 
+_CUSTOMERS = pydantic.TypeAdapter(list[Customer])
+
+
+class BatchValidationError(ValueError):
+    """Some rows of a batch are invalid; `errors` are pydantic-style dicts with full paths."""
+
+    def __init__(self, errors: list[dict[str, Any]]):
+        self.errors = errors
+        super().__init__(f"{len(errors)} invalid field(s)")
+
+
+def validate_rows(records: list[Any], prefix: str = "") -> list[tuple]:
+    """Validate raw records against Customer; return rows in FEATURE_NAMES order."""
+    try:
+        customers = _CUSTOMERS.validate_python(records)
+    except pydantic.ValidationError as exc:
+        head = [prefix] if prefix else []
+        errors = [
+            {"type": e["type"], "loc": [*head, *e["loc"]], "msg": e["msg"]}
+            for e in exc.errors(include_url=False, include_context=False, include_input=False)
+        ]
+        raise BatchValidationError(errors) from None
+    return [row_values(c) for c in customers]
+
+
 def json_customer(row: dict[str, Any]) -> dict[str, Any]:
     """A dataset row as a client sends it: integers as int, amounts as float, categories as str."""
     out = {}

@@ -21,7 +21,7 @@ BACKGROUND_FILE = "background.json"
 REPORT_FILE = "report.json"
 COMPILED_FILE = "pipeline.onnx"  # ONNX Runtime model, saved only when its parity check passed
 TRAIN_COMMAND = "python -m training"  # what to run when the store has no model
-LIBRARIES = ("scikit-learn", "xgboost", "lightgbm", "numpy", "pandas", "bentoml", "onnxruntime", "skl2onnx")
+LIBRARIES = ("scikit-learn", "xgboost", "lightgbm", "numpy", "pandas", "bentoml", "onnx", "onnxruntime")
 
 
 class ModelLoadError(RuntimeError):
