@@ -26,6 +26,7 @@ class InferencePool:
     """A fixed-size thread pool with a bounded number of queued jobs and live counters."""
 
     def __init__(self, threads: int, max_queue: int, name: str = "inference"):
+        self.name = name
         self.threads = threads
         self.max_queue = max_queue
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
@@ -37,7 +38,7 @@ class InferencePool:
         """Run fn(*args) on the pool; raises Overloaded when the queue is full."""
         with self._lock:
             if self.queued >= self.max_queue:
-                raise Overloaded(f"{self.queued} jobs already queued on the {self.threads}-thread inference pool")
+                raise Overloaded(f"{self.queued} jobs already queued on the {self.threads}-thread {self.name} pool")
             self.queued += 1
         # Run in a copy of the caller's context, so tracing spans nest under the request.
         context = contextvars.copy_context()

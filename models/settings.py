@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(10_000, ge=1, le=1_000_000, description="row limit of /predict_batch")
     micro_batch_rows: int = Field(256, ge=1, le=10_000, description="largest coalesced /predict batch")
     max_queue: int = Field(256, ge=1, description="queued predictions beyond which requests get 503")
+    explain_threads: int = Field(1, ge=1, le=16, description="threads computing explanations (own pool)")
+    max_explain_queue: int = Field(16, ge=1, description="queued explanations beyond which requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="per-request timeout (504 after it)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     max_csv_rows: int = Field(200_000, ge=1, description="row limit of a CSV scoring job")

@@ -54,8 +54,8 @@ def configure_tracing(exporter: str | Any = "none") -> None:
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
     if exporter == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
@@ -112,8 +112,8 @@ def set_model_info(tag: str, backend: str) -> None:
     _model_info.update(tag=tag, backend=backend)
 
 
-def watch_pool(pool: Any, batcher: Any) -> None:
-    _watched[:] = [pool, batcher]
+def watch(batcher: Any, *pools: Any) -> None:
+    _watched[:] = [batcher, *pools]
 
 
 def live_metrics() -> str:
@@ -126,12 +126,17 @@ def live_metrics() -> str:
             f'{PREFIX}_model_info{{tag="{_model_info["tag"]}",backend="{_model_info["backend"]}"}} 1',
         ]
     if _watched:
-        pool, batcher = _watched
-        for name, help_, value in (
-            ("pool_threads", "Threads in the inference pool", pool.threads),
-            ("pool_busy_threads", "Inference threads running a job now", pool.busy),
-            ("pool_queued_jobs", "Jobs waiting for an inference thread", pool.queued),
-            ("batcher_pending_rows", "Single-row predictions waiting to join a batch", batcher.pending),
+        batcher, *pools = _watched
+        for name, help_, attr in (
+            ("pool_threads", "Threads in the pool", "threads"),
+            ("pool_busy_threads", "Threads of the pool running a job now", "busy"),
+            ("pool_queued_jobs", "Jobs waiting for a thread of the pool", "queued"),
         ):
-            lines += [f"# HELP {PREFIX}_{name} {help_}", f"# TYPE {PREFIX}_{name} gauge", f"{PREFIX}_{name} {value}"]
+            lines += [f"# HELP {PREFIX}_{name} {help_}", f"# TYPE {PREFIX}_{name} gauge"]
+            lines += [f'{PREFIX}_{name}{{pool="{p.name}"}} {getattr(p, attr)}' for p in pools]
+        lines += [
+            f"# HELP {PREFIX}_batcher_pending_rows Single-row predictions waiting to join a batch",
+            f"# TYPE {PREFIX}_batcher_pending_rows gauge",
+            f"{PREFIX}_batcher_pending_rows {batcher.pending}",
+        ]
     return "\n".join(lines) + "\n"
