@@ -29,7 +29,10 @@ def _coerce(name: str, text: str) -> Any:
         return text if text != "" else None
     if kind in ("int", "flag"):
         if _INT.match(text):
-            return int(text)
+            try:
+                return int(text)
+            except ValueError:  # more digits than Python converts; the schema reports it
+                return text
         try:
             value = float(text)
         except ValueError:
@@ -53,7 +56,11 @@ def parse_csv(data: bytes, max_rows: int) -> tuple[list[tuple], list[dict[str, A
     if missing:
         raise CsvError(f"missing column(s): {', '.join(missing)} (header has: {', '.join(header) or 'nothing'})")
     rows, info, errors = [], [], []
-    for number, record in enumerate(reader, start=1):
+    try:
+        records = list(enumerate(reader, start=1))
+    except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
+        raise CsvError(f"unreadable CSV: {exc}") from None
+    for number, record in records:
         if number > max_rows:
             raise CsvError(f"more than {max_rows} rows; split the file")
         ident = record.get(ID_COLUMN)

@@ -3,10 +3,14 @@ error bodies that name the offending field and what it allows."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
+import anyio
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,48 +33,116 @@ def describe_validation_errors(detail: list[dict[str, Any]]) -> list[str]:
         if feature is not None and err.get("type") != "extra_forbidden":
             msg += f" (allowed: {feature.allowed()})"
         elif err.get("type") == "extra_forbidden":
-            msg += f" (allowed fields: {', '.join(BY_NAME)})"
+            # a customer's fields sit under "customer" or "customers.<i>"; anything else is the body
+            in_customer = len(loc) >= 2 and (loc[-2] == "customer" or loc[-2].isdigit())
+            msg += f" (allowed fields: {', '.join(BY_NAME)})" if in_customer else " (not a field of this request)"
         out.append(f"{path}: {msg}")
     return out
 
 
-class BodyLimitMiddleware:
-    """Refuses request bodies larger than max_bytes with 413, before they are parsed."""
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+
+def _media_type(headers: Headers) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _header_problem(headers: Headers) -> tuple[int, str] | None:
+    """Refuse what the APIs cannot read before reading the body: compressed bodies (nothing
+    decodes them) and media types other than JSON and multipart (BentoML would parse a
+    text/plain body as JSON, and a form-urlencoded one as a form whose text fields it fetches
+    as URLs)."""
+    encoding = headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        return 415, f"Content-Encoding {encoding[:50]!r} is not supported; send the body uncompressed"
+    media = _media_type(headers)
+    if media not in ("", "application/json", "multipart/form-data"):
+        return 415, (
+            f"Content-Type {media[:50]!r} is not supported; send application/json "
+            "(multipart/form-data for a CSV file upload)"
+        )
+    return None
+
+
+async def _multipart_problem(headers: Headers, body: bytes) -> str | None:
+    """Parse a multipart body with the parser BentoML uses. BentoML answers 500 to a
+    malformed one, and treats a plain-text part sent for a file field as a URL to download
+    (a server-side fetch); this service's only multipart API takes one file, so only file
+    parts are accepted."""
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream()).parse()
+    except Exception as exc:  # whatever this parser cannot read, BentoML's cannot either (-> 500)
+        return f"malformed multipart/form-data body: {getattr(exc, 'message', None) or exc}"
+    try:
+        fields = [name for name, value in form.multi_items() if not isinstance(value, UploadFile)]
+    finally:
+        await form.close()
+    if fields:
+        names = ", ".join(repr(name[:50]) for name in fields[:5])
+        return f"multipart/form-data accepts file parts only (with a filename); plain field(s) {names} refused"
+    return None
+
+
+class BodyLimitMiddleware:
+    """Admits a request only if the APIs can read it: a body of at most max_bytes (else 413)
+    in a supported media type and encoding (else 415), and a well-formed multipart body (else
+    400). The body is read here, counting the bytes that actually arrive (the Content-Length
+    header alone is not trusted: with Transfer-Encoding: chunked the HTTP parser ignores it),
+    and replayed to the app."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        # File uploads (task submissions, paths ending in /submit) may be larger than JSON bodies.
+        self.max_upload_bytes = max_upload_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
+        headers = Headers(scope=scope)
+        has_body = scope["method"] in _BODY_METHODS
+        problem = _header_problem(headers) if has_body else None
+        if problem is not None:
+            await error_response(*problem)(scope, receive, send)
+            return
+        limit = self.max_upload_bytes if scope["path"].endswith("/submit") else self.max_bytes
+        length = headers.get("content-length")
+        if length is not None and "transfer-encoding" not in headers:
             try:
-                too_big = int(length) > self.max_bytes
+                too_big = int(length) > limit
             except ValueError:
                 await error_response(400, "invalid Content-Length header")(scope, receive, send)
                 return
             if too_big:
-                await self._refuse(scope, receive, send)
+                await self._refuse(limit, scope, receive, send)
                 return
-            await self.app(scope, receive, send)
-            return
-        # No Content-Length (chunked): read up to the limit, then replay the body.
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                break
+                # The client went away before sending the whole body: there is no request to
+                # run. (Left to BentoML, this is logged as a 500 with a traceback.)
+                await error_response(400, "client disconnected before sending the whole body")(scope, receive, send)
+                return
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
+            if size > limit:
+                await self._refuse(limit, scope, receive, send)
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if has_body and _media_type(headers) == "multipart/form-data":
+            # Parsed on a worker thread: an upload of many MiB would otherwise stall the loop.
+            problem = await anyio.to_thread.run_sync(lambda: asyncio.run(_multipart_problem(headers, body)))
+            if problem is not None:
+                await error_response(400, problem)(scope, receive, send)
+                return
         replayed = False
 
         async def replay() -> Message:
@@ -82,8 +154,8 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(413, f"request body larger than {self.max_bytes} bytes")(scope, receive, send)
+    async def _refuse(self, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(413, f"request body larger than {limit} bytes")(scope, receive, send)
 
 
 class ValidationMessageMiddleware:

@@ -24,5 +24,6 @@ class Settings(BaseSettings):
     max_explain_queue: int = Field(16, ge=1, description="queued explanations beyond which requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="per-request timeout (504 after it)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="CSV uploads above this get 413")
     max_csv_rows: int = Field(200_000, ge=1, description="row limit of a CSV scoring job")
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="where tracing spans go")

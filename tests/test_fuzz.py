@@ -1,0 +1,784 @@
+"""Hostile input against a real `bentoml serve`: property-based fuzzing of every served API
+against its own OpenAPI document (schemathesis), then a table of hostile payloads, raw-socket
+HTTP abuse and hostile CSV scoring jobs.
+
+The rule: nothing a client sends may produce a 5xx or kill the process; bad input gets a
+clear 4xx whose `error` names the field and what is allowed. Afterwards the service still
+answers exactly as before. The tests at the end guard issues the fuzzing found (lax
+`explain`, ignored unknown fields, oversized CSV cells, a non-UTF-8 Content-Type).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
+from models.settings import Settings
+
+CUSTOMER = EXAMPLE_CUSTOMER
+JSON = {"content-type": "application/json"}
+MAX_BODY = Settings().max_body_bytes  # the session server reads the same environment
+MiB = 1024 * 1024
+
+
+class KnownIssue(AssertionError):
+    """A confirmed gap whose fix lies outside tests/ and models/http.py (see each reason)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def five_xx(server) -> float:
+    """5xx responses the server has recorded, over every endpoint (from /metrics)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.endswith("_request_total") and sample.labels.get("http_response_code", "").startswith("5")
+    )
+
+
+def unexpected_exceptions(log: str) -> list[str]:
+    """The exception line of every traceback in a server log excerpt, except pydantic's
+    ValidationError (BentoML logs each 400 validation error with its traceback)."""
+    found = []
+    for record in re.split(r"\n(?=\d{4}-\d\d-\d\dT)", log):
+        if "Traceback (most recent call last)" not in record:
+            continue
+        lines = record.splitlines()
+        last_frame = max((i for i, line in enumerate(lines) if line.startswith('  File "')), default=0)
+        rest = [line for line in lines[last_frame + 1 :] if line and not line.startswith("    ")]
+        exception = rest[0] if rest else "?"
+        if not exception.startswith("pydantic_core._pydantic_core.ValidationError"):
+            found.append(exception)
+    return found
+
+
+def probability(server) -> float:
+    r = httpx.post(f"{server.url}/predict", json={"customer": CUSTOMER}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["churn_probability"]
+
+
+def as_json(obj: Any, **dumps: Any) -> dict[str, Any]:
+    return {"content": json.dumps(obj, **dumps).encode(), "headers": JSON}
+
+
+def raw_json(text: str) -> dict[str, Any]:
+    return {"content": text.encode(), "headers": JSON}
+
+
+def error_of(r: httpx.Response) -> str:
+    assert r.headers["content-type"].startswith("application/json"), r.text[:300]
+    error = r.json()["error"]
+    assert isinstance(error, str) and error, r.text[:300]
+    return error
+
+
+@pytest.fixture(scope="module", autouse=True)
+def before(server) -> dict[str, Any]:
+    """What the server looked like before this module's hostile traffic."""
+    return {"log_offset": len(server.log()), "five_xx": five_xx(server), "probability": probability(server)}
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+# Every operation of the served /docs.json through schemathesis' three generating phases
+# (examples, coverage = boundary and negative values, fuzzing = random and schema-violating),
+# deterministic and bounded: ~900 requests in ~15 s. Checks: "no server error" plus a
+# clear-4xx check of our own. schemathesis' conformance checks are off: they trip over
+# quirks of the OpenAPI 3.0 document BentoML 1.4 generates (400 bodies documented as
+# InvalidArgument, TaskStatusResponse requiring fields /submit does not return, task inputs
+# validated after /submit answers, cancel unsupported by the local server).
+# (schemathesis' pytest plugin, `schemathesis.pytest.from_fixture`, does not run under
+# pytest 9: it sets `Function._nodeid`. The engine below is what its CLI runs.)
+FUZZ_CONFIG = {
+    "seed": 20260522,
+    "workers": 1,
+    "suppress-health-check": ["all"],
+    "request-timeout": 60,
+    "warnings": False,
+    "cache": {"enabled": False},  # no .schemathesis/ directory in the repository
+    "generation": {"mode": "all", "max-examples": 40, "deterministic": True, "no-shrink": True, "database": "none"},
+    "phases": {
+        "examples": {"enabled": True},
+        "coverage": {"enabled": True},
+        "fuzzing": {"enabled": True},
+        "stateful": {"enabled": False},
+    },
+    "checks": {"enabled": False, "not_a_server_error": {"enabled": True}, "clear_client_error": {"enabled": True}},
+}
+
+
+@schemathesis.check
+def clear_client_error(ctx, response, case) -> bool | None:
+    """A 400/413/415/422 carries a JSON body with a non-empty `error` message."""
+    if response.status_code in (400, 413, 415, 422):
+        body = json.loads(response.content)
+        if isinstance(body, list) and len(body) == 1:
+            body = body[0]
+        assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], (
+            f"{response.status_code} without a clear `error`: {response.content[:300]!r}"
+        )
+    return None
+
+
+def test_fuzzing_every_api_never_gives_a_server_error(server):
+    from schemathesis.engine import Status, events, from_schema
+
+    config = schemathesis.Config.from_dict(FUZZ_CONFIG)
+    schema = schemathesis.openapi.from_url(f"{server.url}/docs.json", config=config, timeout=30)
+    problems: list[str] = []
+    statuses: dict[int, int] = {}
+    tested: set[str] = set()
+    finished = None
+    for event in from_schema(schema).execute():
+        if isinstance(event, events.ScenarioFinished):
+            tested.add(event.recorder.label)
+            for interaction in event.recorder.interactions.values():
+                if interaction.response is not None:
+                    statuses[interaction.response.status_code] = statuses.get(interaction.response.status_code, 0) + 1
+            for checks in event.recorder.checks.values():
+                for check in checks:
+                    if check.status == Status.FAILURE and check.failure_info is not None:
+                        failure = check.failure_info
+                        problems.append(
+                            f"[{event.phase}] {event.recorder.label}: {check.name}: {failure.failure.title}: "
+                            f"{failure.failure.message[:300]}\n    {failure.code_sample}"
+                        )
+        elif isinstance(event, events.NonFatalError):
+            problems.append(f"[{event.phase}] {event.label}: error: {event.info.format()[:1000]}")
+        elif isinstance(event, events.FatalError):
+            raise event.exception
+        elif isinstance(event, events.EngineFinished):
+            finished = event
+    assert not problems, f"{len(problems)} fuzzing failures:\n" + "\n".join(sorted(set(problems))[:20])
+    assert finished is not None and finished.stop_reason == "completed"
+    assert {"POST /predict", "POST /predict_batch", "POST /explain", "POST /model_card"} <= tested
+    assert {"POST /score_csv/submit", "GET /score_csv/status", "GET /score_csv/get"} <= tested
+    assert not [code for code in statuses if code >= 500], statuses
+    assert sum(statuses.values()) >= 500, f"the fuzzer sent too few requests: {statuses}"
+    assert statuses.get(200, 0) >= 50 and statuses.get(400, 0) >= 100, statuses  # both valid and invalid input
+
+
+# ----------------------------------------------------------------------------- hostile payloads
+
+DEEP = 100_000
+
+
+def _multipart(body: bytes, boundary: str | None = "b0undary") -> dict[str, Any]:
+    ct = "multipart/form-data" + (f"; boundary={boundary}" if boundary else "")
+    return {"content": body, "headers": {"content-type": ct}}
+
+
+# (id, path, request kwargs (lazy: big bodies are built per test), status, substrings of `error`)
+HOSTILE: list[tuple[str, str, Callable[[], dict[str, Any]], int, tuple[str, ...]]] = [
+    # size
+    (
+        "body-over-the-limit",
+        "/predict",
+        lambda: as_json({"customer": {**CUSTOMER, "Geography": "a" * (MAX_BODY + MiB)}}),
+        413,
+        ("larger than", str(MAX_BODY)),
+    ),
+    (
+        "body-of-5-MiB-under-the-limit",
+        "/predict",
+        lambda: as_json({"customer": {**CUSTOMER, "Geography": "a" * 5 * MiB}}),
+        400,
+        ("customer.Geography:", "'France', 'Germany', 'Spain'"),
+    ),
+    (
+        "batch-far-over-the-row-limit",  # 40,000 rows, 6.9 MB: under the body limit
+        "/predict_batch",
+        lambda: as_json({"customers": [CUSTOMER] * 40_000}, separators=(",", ":")),
+        400,
+        ("customers:", "at most 10000 items"),
+    ),
+    (
+        "batch-over-the-body-limit",
+        "/predict_batch",
+        lambda: as_json({"customers": [CUSTOMER] * 60_000}, separators=(",", ":")),
+        413,
+        ("larger than",),
+    ),
+    (
+        "1-MB-category-value",
+        "/predict",
+        lambda: as_json({"customer": {**CUSTOMER, "Gender": "M" * MiB}}),
+        400,
+        ("customer.Gender:", "'Female', 'Male'"),
+    ),
+    (
+        "1-MB-field-name",
+        "/explain",
+        lambda: as_json({"customer": {**CUSTOMER, "x" * MiB: 1}}),
+        400,
+        ("customer.xxxx", "Extra inputs are not permitted", "allowed fields: CreditScore"),
+    ),
+    # structure
+    (
+        "deeply-nested-arrays",
+        "/predict",
+        lambda: raw_json('{"customer": ' + "[" * DEEP + "]" * DEEP + "}"),
+        400,
+        ("Invalid JSON", "recursion limit"),
+    ),
+    (
+        "deeply-nested-objects",
+        "/predict_batch",
+        lambda: raw_json('{"customers": [' + '{"a":' * DEEP + "1" + "}" * DEEP + "]}"),
+        400,
+        ("Invalid JSON", "recursion limit"),
+    ),
+    ("top-level-array", "/predict", lambda: as_json([CUSTOMER]), 400, ("body: Input should be an object",)),
+    ("top-level-string", "/explain", lambda: as_json("customer"), 400, ("body: Input should be an object",)),
+    ("top-level-number", "/predict_batch", lambda: as_json(42), 400, ("body: Input should be an object",)),
+    ("top-level-array-card", "/model_card", lambda: as_json([{}]), 400, ("body: Input should be an object",)),
+    ("customers-not-a-list", "/predict_batch", lambda: as_json({"customers": CUSTOMER}), 400, ("customers:", "array")),
+    ("explain-null", "/predict", lambda: as_json({"customer": CUSTOMER, "explain": None}), 400, ("explain:",)),
+    # bodies and their framing
+    ("empty-body", "/predict", lambda: {"content": b"", "headers": JSON}, 400, ("customer: Field required",)),
+    ("empty-body-batch", "/predict_batch", lambda: {"content": b"", "headers": JSON}, 400, ("customers:",)),
+    (
+        "content-type-text-plain",
+        "/predict",
+        lambda: {"content": json.dumps({"customer": CUSTOMER}).encode(), "headers": {"content-type": "text/plain"}},
+        415,
+        ("'text/plain'", "application/json"),
+    ),
+    (
+        "content-type-xml",
+        "/explain",
+        lambda: {"content": b"<customer/>", "headers": {"content-type": "application/xml"}},
+        415,
+        ("application/json",),
+    ),
+    (
+        "content-type-form-urlencoded",
+        "/predict",
+        lambda: {"content": b"customer=%7B%7D", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        415,
+        ("application/json",),
+    ),
+    (
+        "content-encoding-gzip-claimed-but-plain",
+        "/predict",
+        lambda: {
+            "content": json.dumps({"customer": CUSTOMER}).encode(),
+            "headers": {**JSON, "content-encoding": "gzip"},
+        },
+        415,
+        ("Content-Encoding 'gzip'", "uncompressed"),
+    ),
+    (
+        "content-encoding-gzip-real",
+        "/predict_batch",
+        lambda: {
+            "content": gzip.compress(json.dumps({"customers": [CUSTOMER]}).encode()),
+            "headers": {**JSON, "content-encoding": "gzip"},
+        },
+        415,
+        ("Content-Encoding",),
+    ),
+    (
+        "invalid-utf8-bytes",
+        "/predict",
+        lambda: {"content": b'{"customer": {"Geography": "Fr\xff\xfence"}}', "headers": JSON},
+        400,
+        ("Invalid JSON",),
+    ),
+    (
+        "utf16-body",
+        "/predict",
+        lambda: {
+            "content": json.dumps({"customer": CUSTOMER}).encode("utf-16"),
+            "headers": {"content-type": "application/json; charset=utf-16"},
+        },
+        400,
+        ("Invalid JSON",),
+    ),
+    (
+        "multipart-text-part-to-a-json-api",
+        "/predict",
+        lambda: _multipart(
+            b'--b0undary\r\nContent-Disposition: form-data; name="customer"\r\n\r\n'
+            + json.dumps(CUSTOMER).encode()
+            + b"\r\n--b0undary--\r\n"
+        ),
+        400,
+        ("file parts only", "'customer'"),
+    ),
+    (
+        "multipart-without-boundary",
+        "/predict",
+        lambda: _multipart(b"--x\r\n\r\n", boundary=None),
+        400,
+        ("malformed multipart", "boundary"),
+    ),
+    (
+        "multipart-garbage",
+        "/model_card",
+        lambda: _multipart(b"\x00\xffnot multipart at all"),
+        400,
+        ("malformed multipart",),
+    ),
+    # values
+    (
+        "unicode-category",
+        "/predict",
+        lambda: as_json({"customer": {**CUSTOMER, "Geography": "Fr\u00e4nce\U0001f600\u202e"}}, ensure_ascii=False),
+        400,
+        ("customer.Geography:", "'France'"),
+    ),
+    (
+        "unicode-lookalike-category",
+        "/explain",
+        lambda: as_json({"customer": {**CUSTOMER, "Gender": "\uff2d\uff41\uff4c\uff45"}}),  # fullwidth "Male"
+        400,
+        ("customer.Gender:", "'Female', 'Male'"),
+    ),
+    (
+        "unicode-field-name",
+        "/predict",
+        lambda: as_json({"customer": {**CUSTOMER, "\u00c4ge\U0001f600": 42}}),
+        400,
+        ("customer.\u00c4ge\U0001f600:", "allowed fields: CreditScore"),
+    ),
+    (
+        "lone-surrogate-escape",
+        "/predict",
+        lambda: raw_json(json.dumps({"customer": CUSTOMER}).replace('"France"', '"\\ud800"')),
+        400,
+        ("Invalid JSON",),
+    ),
+    (
+        "nan-in-batch-rows",
+        "/predict_batch",
+        lambda: raw_json(
+            json.dumps({"customers": [CUSTOMER, CUSTOMER]}).replace('"CreditScore": 619', '"CreditScore": NaN', 2)
+        ),
+        400,
+        ("customers.0.CreditScore:", "customers.1.CreditScore:", "[300, 900]"),
+    ),
+    (
+        "infinity-on-explain",
+        "/explain",
+        lambda: raw_json(json.dumps({"customer": CUSTOMER}).replace("101348.88", "Infinity")),
+        400,
+        ("customer.EstimatedSalary:", "[0, 1e+07]"),
+    ),
+    (
+        "float-as-string",
+        "/predict",
+        lambda: as_json({"customer": {**CUSTOMER, "Balance": "0.0"}}),
+        400,
+        ("customer.Balance:", "valid number"),
+    ),
+    (
+        "int-as-string-in-batch",
+        "/predict_batch",
+        lambda: as_json({"customers": [{**CUSTOMER, "Tenure": "2"}]}),
+        400,
+        ("customers.0.Tenure:", "valid integer", "[0, 60]"),
+    ),
+    (
+        "extra-field-in-a-batch-row",
+        "/predict_batch",
+        lambda: as_json({"customers": [CUSTOMER, {**CUSTOMER, "Surname": "Hargrave"}]}),
+        400,
+        ("customers.1.Surname:", "allowed fields"),
+    ),
+    (
+        "huge-integer-10**400",
+        "/predict",
+        lambda: as_json({"customer": {**CUSTOMER, "Age": 10**400}}),
+        400,
+        ("customer.Age:", "[18, 100]"),
+    ),
+    (
+        "huge-integer-10**400-for-a-float",
+        "/explain",
+        lambda: as_json({"customer": {**CUSTOMER, "Balance": 10**400}}),
+        400,
+        ("customer.Balance:", "finite number"),
+    ),
+    (
+        "float-1e400",
+        "/predict",
+        lambda: raw_json(json.dumps({"customer": CUSTOMER}).replace("101348.88", "1e400")),
+        400,
+        ("customer.EstimatedSalary:",),
+    ),
+    (
+        "integer-of-5000-digits",
+        "/predict",
+        lambda: raw_json(json.dumps({"customer": CUSTOMER}).replace('"Age": 42', '"Age": ' + "9" * 5000)),
+        400,
+        ("Invalid JSON", "number out of range"),
+    ),
+    (
+        "duplicated-key-last-one-invalid",
+        "/predict",
+        lambda: raw_json(json.dumps({"customer": CUSTOMER})[:-2] + ', "Age": 999}}'),
+        400,
+        ("customer.Age:", "[18, 100]"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "request_kwargs", "status", "says"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE]
+)
+def test_hostile_payload_gets_a_clear_4xx(server, path, request_kwargs, status, says):
+    r = httpx.post(f"{server.url}{path}", timeout=60, **request_kwargs())
+    assert r.status_code == status, r.text[:500]
+    error = error_of(r)
+    for text in says:
+        assert text in error, error[:500]
+    assert len(error) < 3 * MiB
+
+
+def test_duplicated_keys_resolve_to_the_last_one(server, before):
+    """Not an error, but never ambiguous: the last occurrence wins, as in most JSON parsers."""
+    body = json.dumps({"customer": CUSTOMER})[:-2] + ', "Age": 999, "Age": 42}}'
+    body = body.replace('"Age": 42,', '"Age": 17,', 1)  # the first Age is invalid, the last one valid
+    r = httpx.post(f"{server.url}/predict", content=body.encode(), headers=JSON, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["churn_probability"] == before["probability"]
+
+
+def test_multipart_json_file_part_is_bentomls_multipart_encoding(server, before):
+    """BentoML accepts any API as multipart/form-data; a JSON *file* part is validated by the
+    same strict model, so it is not a way around validation."""
+    good = httpx.post(f"{server.url}/predict", files={"customer": ("c.json", json.dumps(CUSTOMER), "application/json")})
+    assert good.status_code == 200 and good.json()["churn_probability"] == before["probability"]
+    bad = {**CUSTOMER, "Age": "42"}
+    r = httpx.post(f"{server.url}/predict", files={"customer": ("c.json", json.dumps(bad), "application/json")})
+    assert r.status_code == 400 and "customer.Age:" in error_of(r)
+
+
+# ----------------------------------------------------------------------------- raw HTTP abuse
+
+
+def raw_http(server, head: bytes, chunks: list[bytes] = (), *, close: bool = False, timeout: float = 20) -> bytes:
+    """Send a hand-made request (what httpx refuses to send); return the raw response."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(head)
+            for chunk in chunks:
+                s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered (413) and closed before reading everything
+        if close:
+            return b""
+        data = b""
+        while True:
+            try:
+                block = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not block:
+                return data
+            data += block
+        return data
+
+
+def status_of(response: bytes) -> int:
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", response)
+    assert match, response[:200]
+    return int(match.group(1))
+
+
+def _head(*headers: bytes, path: bytes = b"/predict") -> bytes:
+    return (
+        b"POST "
+        + path
+        + b" HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"\r\n"
+    )
+
+
+BODY = json.dumps({"customer": CUSTOMER}).encode()
+
+
+def chunked_just_over_the_limit() -> list[bytes]:
+    """MAX_BODY + 1 bytes in 1 MiB chunks, unterminated. Just over: the server has read all
+    of it when it answers 413, so closing does not reset the connection under our reply."""
+    sizes = [MiB] * (MAX_BODY // MiB) + [MAX_BODY % MiB + 1]
+    return [b"%x\r\n" % size + b"a" * size + b"\r\n" for size in sizes]
+
+
+# (id, make (head, body parts), status). Bodies are left out where the server answers on the
+# headers alone, for the same reason.
+RAW: list[tuple[str, Callable[[], tuple[bytes, list[bytes]]], int]] = [
+    (
+        "chunked-without-content-length-over-the-limit",
+        lambda: (
+            _head(b"Content-Type: application/json", b"Transfer-Encoding: chunked"),
+            chunked_just_over_the_limit(),
+        ),
+        413,
+    ),
+    (
+        # The parser ignores Content-Length when the body is chunked: the limit must count bytes.
+        "chunked-with-a-small-content-length-over-the-limit",
+        lambda: (
+            _head(b"Content-Type: application/json", b"Content-Length: 10", b"Transfer-Encoding: chunked"),
+            chunked_just_over_the_limit(),
+        ),
+        413,
+    ),
+    (
+        "content-length-far-over-the-limit",
+        lambda: (_head(b"Content-Type: application/json", b"Content-Length: 1000000000000"), []),
+        413,
+    ),
+    (
+        "content-length-not-a-number",
+        lambda: (_head(b"Content-Type: application/json", b"Content-Length: abc"), []),
+        400,
+    ),
+    ("content-length-negative", lambda: (_head(b"Content-Type: application/json", b"Content-Length: -5"), []), 400),
+    ("conflicting-content-lengths", lambda: (_head(b"Content-Length: 80", b"Content-Length: 5"), []), 400),
+    (
+        "invalid-chunk-size",
+        lambda: (_head(b"Content-Type: application/json", b"Transfer-Encoding: chunked"), [b"zz\r\nabc\r\n0\r\n\r\n"]),
+        400,
+    ),
+    ("transfer-encoding-gzip", lambda: (_head(b"Content-Type: application/json", b"Transfer-Encoding: gzip"), []), 400),
+    (
+        "chunked-small-body",  # control: chunked itself is fine
+        lambda: (
+            _head(b"Content-Type: application/json", b"Transfer-Encoding: chunked"),
+            [b"%x\r\n" % len(BODY) + BODY + b"\r\n0\r\n\r\n"],
+        ),
+        200,
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "status"), [r[1:] for r in RAW], ids=[r[0] for r in RAW])
+def test_raw_http_request(server, make, status):
+    head, chunks = make()
+    response = raw_http(server, head, chunks)
+    assert status_of(response) == status, response[:300]
+    if status == 413:
+        assert b"larger than" in response
+
+
+@pytest.mark.parametrize("sent", [0, 100])
+def test_body_shorter_than_its_content_length_client_closes(server, sent):
+    """The client promises 1,000 bytes, sends fewer and hangs up: no 5xx is recorded."""
+    before_5xx = five_xx(server)
+    raw_http(server, _head(b"Content-Type: application/json", b"Content-Length: 1000"), [BODY[:sent]], close=True)
+    time.sleep(0.3)
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert five_xx(server) == before_5xx
+
+
+# ----------------------------------------------------------------------------- CSV jobs
+
+HEADER = ",".join(FEATURE_NAMES)
+ROW = ",".join(str(CUSTOMER[n]) for n in FEATURE_NAMES)
+
+
+def submit_csv(server, data: bytes) -> str:
+    r = httpx.post(f"{server.url}/score_csv/submit", files={"file": ("c.csv", data, "text/csv")}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["task_id"]
+
+
+def wait_for(server, task_id: str) -> tuple[str, httpx.Response]:
+    deadline = time.monotonic() + 60
+    while True:
+        status = httpx.get(f"{server.url}/score_csv/status", params={"task_id": task_id}).json()["status"]
+        if status != "in_progress":
+            return status, httpx.get(f"{server.url}/score_csv/get", params={"task_id": task_id}, timeout=30)
+        assert time.monotonic() < deadline, "the CSV job never finished"
+        time.sleep(0.05)
+
+
+def check_job(server, data: bytes) -> dict:
+    """A hostile CSV job completes (the task, not necessarily the scoring) and answers 200."""
+    status, result = wait_for(server, submit_csv(server, data))
+    assert status == "completed", f"task {status}: {result.status_code} {result.text[:300]}"
+    assert result.status_code == 200, result.text[:300]
+    out = result.json()
+    if out["status"] == "completed":
+        assert out["rows"] == out["scored"] + out["failed"] == len(out["predictions"]) + len(out["errors"])
+        assert all(e["error"] and e["row"] >= 1 for e in out["errors"])
+    else:
+        assert out["status"] == "rejected" and out["error"]
+    return out
+
+
+def _wide_header() -> bytes:
+    return (",".join(f"c{i}" for i in range(500)) + "\n" + ",".join("1" * 500) + "\n").encode()
+
+
+HOSTILE_CSV: list[tuple[str, Callable[[], bytes], dict[str, Any]]] = [
+    ("binary-garbage", lambda: bytes(range(256)) * 64, {"status": "rejected", "error": "not UTF-8"}),
+    ("utf16", lambda: f"{HEADER}\n{ROW}\n".encode("utf-16"), {"status": "rejected", "error": "not UTF-8"}),
+    ("empty-file", lambda: b"", {"status": "rejected", "error": "missing column(s)"}),
+    (
+        "missing-and-miscased-columns",
+        lambda: f"{HEADER.replace('Balance', 'balance').replace(',EstimatedSalary', '')}\n{ROW}\n".encode(),
+        {"status": "rejected", "error": "missing column(s): Balance, EstimatedSalary"},
+    ),
+    ("500-columns-none-of-them-ours", _wide_header, {"status": "rejected", "error": "missing column(s)"}),
+    (
+        "a-row-with-500-fields",
+        lambda: f"{HEADER}\n{ROW + ',1' * 490}\n{ROW}\n".encode(),
+        {"status": "completed", "failed": 1, "scored": 1, "error": "wrong number of fields"},
+    ),
+    (
+        "quoted-newline-in-a-category",
+        lambda: f"{HEADER}\n{ROW.replace('France', chr(34) + 'Fra' + chr(10) + 'nce' + chr(34))}\n{ROW}\n".encode(),
+        {"status": "completed", "failed": 1, "scored": 1, "error": "Geography"},
+    ),
+    (
+        "unterminated-quote",
+        lambda: f"{HEADER}\n{ROW.replace('France', chr(34) + 'France')}\n{ROW}\n".encode(),
+        {"status": "completed", "scored": 0, "error": "wrong number of fields"},
+    ),
+    (
+        "nul-bytes-and-control-characters",
+        lambda: f"{HEADER}\n{ROW.replace('France', 'Fr' + chr(0) + 'ance' + chr(27))}\n".encode(),
+        {"status": "completed", "failed": 1, "error": "Geography"},
+    ),
+    (
+        "nan-infinity-and-huge-exponents",
+        lambda: f"{HEADER}\nnan,France,Female,inf,2,NaN,1e999,1,1,-inf\n".encode(),
+        {"status": "completed", "failed": 1, "error": "CreditScore"},
+    ),
+    (
+        "duplicated-header-column",
+        lambda: f"{HEADER},Age\n{ROW},999\n".encode(),
+        {"status": "completed", "failed": None},  # documented in the report: the last Age wins
+    ),
+    ("header-only", lambda: f"{HEADER}\n".encode(), {"status": None, "rows": 0}),  # rejected or 0 rows: both fine
+    (
+        "bom-and-crlf",  # control: a valid file written by Excel on Windows
+        lambda: b"\xef\xbb\xbf" + f"{HEADER}\r\n{ROW}\r\n".encode(),
+        {"status": "completed", "scored": 1, "failed": 0},
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "expect"), [c[1:] for c in HOSTILE_CSV], ids=[c[0] for c in HOSTILE_CSV])
+def test_hostile_csv_job_is_rejected_or_reports_rows(server, make, expect):
+    out = check_job(server, make())
+    if expect.get("status"):
+        assert out["status"] == expect["status"], out
+    for key in ("scored", "failed", "rows"):
+        if expect.get(key) is not None:
+            assert out[key] == expect[key], out
+    if "error" in expect:
+        text = out["error"] if out["status"] == "rejected" else " ".join(e["error"] for e in out["errors"])
+        assert expect["error"] in text, out
+
+
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [
+        {"data": {"file": "http://169.254.169.254/latest/meta-data/"}},  # form-urlencoded
+        {"files": {"zzz": ("a.csv", b"x", "text/csv")}, "data": {"file": "https://example.com/c.csv"}},
+        {"content": b"--b\r\n\r\n", "headers": {"content-type": "multipart/form-data; boundary=XX"}},
+        {"content": b"garbage", "headers": {"content-type": "multipart/form-data"}},
+    ],
+    ids=["url-as-form-field", "url-as-plain-multipart-part", "wrong-boundary", "no-boundary"],
+)
+def test_csv_submit_refuses_what_is_not_a_file_upload_at_once(server, request_kwargs):
+    """A plain-text `file` would make BentoML download it as a URL (server-side), and a
+    malformed multipart body made it answer 500: both are refused before a task exists."""
+    for path in ("/score_csv/submit", "/score_csv"):
+        r = httpx.post(f"{server.url}{path}", timeout=30, **request_kwargs)
+        assert r.status_code in (400, 415), r.text
+        assert "multipart" in error_of(r) or "Content-Type" in error_of(r)
+
+
+@pytest.mark.parametrize(
+    "task_id", ["", "' OR 1=1 --", "../../etc/passwd", "\u202e\U0001f600", "x" * 10_000, "%00", "0" * 32]
+)
+def test_task_lookups_with_hostile_ids_are_4xx(server, task_id):
+    for endpoint in ("status", "get"):
+        r = httpx.get(f"{server.url}/score_csv/{endpoint}", params={"task_id": task_id})
+        assert r.status_code in (400, 404), r.text[:300]
+        assert error_of(r)
+
+
+# ----------------------------------------------------------------------------- afterwards
+
+
+def test_service_is_unharmed_by_all_of_the_above(server, before):
+    assert server.proc.poll() is None, "bentoml serve died"
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert probability(server) == before["probability"]
+    assert five_xx(server) == before["five_xx"], "hostile input produced 5xx responses"
+    exceptions = unexpected_exceptions(server.log()[before["log_offset"] :])
+    assert not exceptions, f"hostile input raised unexpected exceptions in the server: {sorted(set(exceptions))}"
+
+
+# ----------------------------------------------------------------------------- known issues
+# Issues the fuzzing found and that were then fixed; each raises KnownIssue if it comes back.
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "true"])
+def test_explain_flag_is_strict(server, value):
+    r = httpx.post(f"{server.url}/predict", json={"customer": CUSTOMER, "explain": value})
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200:
+        raise KnownIssue(f"explain={value!r} accepted as {r.json()['explanation'] is not None}")
+    assert "explain:" in error_of(r)
+
+
+def test_unknown_top_level_fields_are_refused(server):
+    r = httpx.post(f"{server.url}/predict", json={"customer": CUSTOMER, "explian": True})  # typo of explain
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200:
+        raise KnownIssue("a misspelled `explain` is silently ignored")
+    assert "explian" in error_of(r)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [f"{HEADER}\n{ROW.replace('France', 'x' * 200_000)}\n", f"{HEADER}\n{ROW.replace('619', '9' * 5000, 1)}\n"],
+    ids=["field-over-128-KiB", "integer-of-5000-digits"],
+)
+def test_csv_job_with_oversized_cells(server, data):
+    status, result = wait_for(server, submit_csv(server, data.encode()))
+    assert server.proc.poll() is None
+    if status != "completed" or result.status_code >= 500:
+        raise KnownIssue(f"task {status}, /score_csv/get answered {result.status_code}")
+    out = result.json()
+    assert out["status"] == "rejected" or (out["failed"] == 1 and out["errors"]), out
+
+
+def test_non_utf8_content_type_header_gets_a_complete_response(server):
+    response = raw_http(server, _head(b"Content-Type: application/json\xff", b"Content-Length: %d" % len(BODY)), [BODY])
+    assert status_of(response) == 415
+    head, _, body = response.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+    if len(body) != length:
+        raise KnownIssue(f"{len(body)} of {length} body bytes sent")
+
+
+def test_server_survives_the_known_issues(server, before):
+    assert server.proc.poll() is None, "bentoml serve died"
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert probability(server) == before["probability"]
