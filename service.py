@@ -9,6 +9,7 @@ so the event loop (and with it /livez and /readyz) stays responsive under any lo
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from pathlib import Path
@@ -129,6 +130,10 @@ class BankChurn:
         telemetry.watch(self.batcher, self.pool, self.explain_pool)
         # Warm-up: readiness turns true only after a real prediction has succeeded.
         self._predict_rows([row_values(EXAMPLE_CUSTOMER)])
+        # Move everything loaded so far (frameworks, model) out of the cyclic GC's reach:
+        # full collections over it held the GIL for 100-200 ms, stalling the event loop.
+        gc.collect()
+        gc.freeze()
         self.ready = True
         logger.info("serving %s with %s (%s)", self.tag, self.predictor.backend, self.predictor.backend_reason)
 

@@ -41,8 +41,16 @@ class InferencePool:
                 raise Overloaded(f"{self.queued} jobs already queued on the {self.threads}-thread {self.name} pool")
             self.queued += 1
         # Run in a copy of the caller's context, so tracing spans nest under the request.
-        context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, self._call, fn, args)
+        future = self._executor.submit(contextvars.copy_context().run, self._call, fn, args)
+        # A caller that gives up (timeout, disconnect) cancels a job that has not started: it
+        # must hand back its queue slot, or the pool would shrink until it refuses everything.
+        future.add_done_callback(self._release_if_cancelled)
+        return await asyncio.wrap_future(future)
+
+    def _release_if_cancelled(self, future) -> None:
+        if future.cancelled():
+            with self._lock:
+                self.queued -= 1
 
     def _call(self, fn: Callable[..., T], args: tuple) -> T:
         with self._lock:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, row_values
-from models.store import COMPILED_FILE, ModelBundle, ModelLoadError, load_bundle
+from models.store import COMPILED_FILE, TRAIN_COMMAND, ModelBundle, ModelLoadError, load_bundle
 
 _EPS = 1e-15  # keeps log-odds finite for probabilities that round to 0 or 1
 
@@ -131,8 +131,11 @@ def load_predictor(model: Any, prefer_compiled: bool = True, runtime_threads: in
         proba = predictor.predict_rows([row_values(EXAMPLE_CUSTOMER)])
     except Exception as exc:  # any failure here means the artifact cannot serve
         raise ModelLoadError(
-            f"model '{bundle.tag}' failed its warm-up prediction ({type(exc).__name__}: {exc}); retrain it"
+            f"model '{bundle.tag}' failed its warm-up prediction ({type(exc).__name__}: {exc}); "
+            f"retrain it with `{TRAIN_COMMAND}`"
         ) from exc
     if not (proba.shape == (1,) and 0.0 <= float(proba[0]) <= 1.0):
-        raise ModelLoadError(f"model '{bundle.tag}' returned {proba!r} for the warm-up customer; retrain it")
+        raise ModelLoadError(
+            f"model '{bundle.tag}' returned {proba!r} for the warm-up customer; retrain it with `{TRAIN_COMMAND}`"
+        )
     return predictor

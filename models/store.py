@@ -96,13 +96,17 @@ def load_bundle(model: bentoml.Model, optional_files: tuple[str, ...] = ()) -> M
             f"retrain with `{TRAIN_COMMAND}` or serve a matching model tag"
         )
     if "threshold" not in metadata:
-        raise ModelLoadError(f"model '{tag}' has no decision threshold in its metadata; retrain it")
+        raise ModelLoadError(
+            f"model '{tag}' has no decision threshold in its metadata; retrain it with `{TRAIN_COMMAND}`"
+        )
     try:
         pipeline = joblib.load(model.path_of(PIPELINE_FILE))
         with open(model.path_of(BACKGROUND_FILE)) as fh:
             background = pd.DataFrame.from_records(json.load(fh), columns=list(FEATURE_NAMES))
     except Exception as exc:  # any unpickling/IO error means the artifact is unusable
-        raise ModelLoadError(f"model '{tag}' is unreadable ({type(exc).__name__}: {exc}); retrain it") from exc
+        raise ModelLoadError(
+            f"model '{tag}' is unreadable ({type(exc).__name__}: {exc}); retrain it with `{TRAIN_COMMAND}`"
+        ) from exc
     if not hasattr(pipeline, "predict_proba"):
         raise ModelLoadError(f"model '{tag}': {PIPELINE_FILE} holds {type(pipeline).__name__}, not a classifier")
     files = {}

@@ -64,6 +64,8 @@ class ServeProcess:
         self.proc: subprocess.Popen | None = None
         home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
         self.log_path = home / f"serve-{self.port}.log"
+        # Each server recreates its task database at start-up: give each its own.
+        self.env.setdefault("BENTOML_RESULT_STORE", str(home / f"tasks-{self.port}.db"))
 
     def start(self) -> ServeProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
