@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, row_values
+from models.schema import CATEGORICAL_FEATURES, EXAMPLE_CUSTOMER, FEATURE_NAMES, NUMERIC_FEATURES, row_values
 from models.store import COMPILED_FILE, TRAIN_COMMAND, ModelBundle, ModelLoadError, load_bundle
 
 _EPS = 1e-15  # keeps log-odds finite for probabilities that round to 0 or 1
@@ -54,6 +54,7 @@ class Predictor:
             self.backend_reason = "compiled model disabled by configuration"
         elif compiled_meta.get("enabled"):
             self.backend_reason = "compiled model failed its parity check at training time"
+        self._prepare_explainer()
 
     # ------------------------------------------------------------------ predictions
 
@@ -84,27 +85,29 @@ class Predictor:
         Shapley). All 2^10 subsets are evaluated, so the contributions are exact, not
         sampled, and they add up: base_value + sum(contributions) == log_odds(p(customer)).
         """
-        n = len(FEATURE_NAMES)
-        background = self.bundle.background[list(FEATURE_NAMES)].to_numpy(dtype=object)
-        k = len(background)
-        masks = np.array(list(itertools.product((False, True), repeat=n)), dtype=bool)  # (2^n, n)
-        x = np.array(row, dtype=object)
-        hybrid = np.where(masks[:, None, :], x[None, None, :], background[None, :, :]).reshape(-1, n)
-        frame = pd.DataFrame(hybrid, columns=list(FEATURE_NAMES))
-        for name in frame.columns:
-            if name not in ("Geography", "Gender"):
-                frame[name] = frame[name].astype("float64")
-        value = log_odds(self.predict_frame(frame)).reshape(len(masks), k).mean(axis=1)
+        masks, k = self._masks, len(self._bg_numeric)
+        x_num = np.array([row[i] for i in self._num_idx], dtype=np.float64)
+        numeric = np.where(masks[:, None, self._num_idx], x_num[None, None, :], self._bg_numeric[None, :, :]).reshape(
+            -1, len(self._num_idx)
+        )
+        categorical = {
+            name: np.where(masks[:, None, i], row[i], self._bg_categorical[name][None, :]).reshape(-1)
+            for name, i in self._cat_idx.items()
+        }
+        if self.compiled is not None:
+            proba = self.compiled.predict_proba_columns(numeric, categorical)
+        else:
+            frame = pd.DataFrame({**dict(zip(NUMERIC_FEATURES, numeric.T, strict=True)), **categorical})
+            proba = self.bundle.pipeline.predict_proba(frame[list(FEATURE_NAMES)])[:, 1]
+        value = log_odds(proba).reshape(len(masks), k).mean(axis=1)
 
         # Subset i contains feature j when bit (n-1-j) of i is set (itertools.product order).
-        ids = np.arange(len(masks))
-        sizes = masks.sum(axis=1)
-        weights = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)])
+        n = len(FEATURE_NAMES)
         phi = np.zeros(n)
         for j in range(n):
             bit = 1 << (n - 1 - j)
-            without = ids[(ids & bit) == 0]
-            phi[j] = np.sum(weights[sizes[without]] * (value[without | bit] - value[without]))
+            without = self._ids[(self._ids & bit) == 0]
+            phi[j] = np.sum(self._weights[self._sizes[without]] * (value[without | bit] - value[without]))
 
         full, base = value[-1], value[0]
         order = np.argsort(-np.abs(phi), kind="stable")
@@ -118,6 +121,19 @@ class Predictor:
             "method": f"exact interventional Shapley values of the log-odds ({len(masks)} feature subsets, "
             f"{k} background customers)",
         }
+
+    def _prepare_explainer(self) -> None:
+        """Everything about explanations that does not depend on the customer, built once."""
+        n = len(FEATURE_NAMES)
+        self._masks = np.array(list(itertools.product((False, True), repeat=n)), dtype=bool)  # (2^n, n)
+        self._ids = np.arange(len(self._masks))
+        self._sizes = self._masks.sum(axis=1)
+        self._weights = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)])
+        self._num_idx = [FEATURE_NAMES.index(f) for f in NUMERIC_FEATURES]
+        self._cat_idx = {f: FEATURE_NAMES.index(f) for f in CATEGORICAL_FEATURES}
+        background = self.bundle.background
+        self._bg_numeric = background[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64)
+        self._bg_categorical = {f: background[f].to_numpy(dtype=object) for f in CATEGORICAL_FEATURES}
 
 
 def load_predictor(model: Any, prefer_compiled: bool = True, runtime_threads: int = 1) -> Predictor:

@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,7 +19,7 @@ import pandas as pd
 import pytest
 
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, json_customer
-from tests.helpers import ROOT, metric
+from tests.helpers import ROOT, ServeProcess, metric
 
 
 def post(server, path, payload, **kw):
@@ -129,18 +131,38 @@ def test_batch_over_the_limit_is_refused(server):
     assert r.status_code == 400 and "at most 10000 items" in r.json()["error"]
 
 
-def test_health_stays_fast_while_the_pools_are_saturated(server, sample_rows):
+@pytest.fixture(scope="module")
+def pinned_server(trained):
+    """A server on CPU 0 alone, like a pod with a 1-CPU limit; the test's clients use CPU 1."""
+    if len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset"):
+        pytest.skip("needs 2 CPUs and taskset to separate the server from its load")
+    proc = ServeProcess(env={"BANKCHURN_MODEL_TAG": str(trained.model.tag)}, prefix=("taskset", "-c", "0"))
+    proc.start()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_health_stays_fast_while_the_pools_are_saturated(pinned_server, sample_rows):
     """20 clients (ramped up over 0.4 s, as a load generator's spawn rate does) keep both
     pools full for 5 s with slow requests (200-row batches and explanations of ~10,000 model
     rows each); health probes from another process must still answer within 100 ms, because
     no CPU work runs on the event loop."""
+    server = pinned_server
     saturation: list[tuple[float, float]] = []
     stop = threading.Event()
     batch = {"customers": [json_customer(r) for r in sample_rows]}  # 200 rows
-    # The probes run in their own process: in this one they would wait for our own GIL.
+    # The probes run in their own process (in this one they would wait for our own GIL).
     prober = subprocess.Popen(
-        [sys.executable, "-m", "tests.probe", server.url, "6"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        ["taskset", "-c", "1", sys.executable, "-m", "tests.probe", server.url, "6"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {1})
     time.sleep(0.5)
 
     async def client(c: httpx.AsyncClient, path: str, body: dict, deadline: float, codes: list[int], delay: float):
@@ -177,6 +199,7 @@ def test_health_stays_fast_while_the_pools_are_saturated(server, sample_rows):
     finally:
         stop.set()
         watcher.join()
+        os.sched_setaffinity(0, affinity)
     probes = json.loads(prober.communicate(timeout=60)[0])
     top = sorted(((round(lat * 1000), i) for i, (_, lat, _) in enumerate(probes)), reverse=True)[:5]
     print(f"\nhealth under saturation: {len(probes)} probes, slowest (ms, #) {top}; pools {saturation}")
