@@ -8,7 +8,9 @@ is bounded: past the bound, callers get Overloaded at once instead of waiting to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def _lower_priority() -> None:
+    """Make this pool thread yield the CPU to the event-loop thread (Linux: per-thread nice).
+
+    On a 1-CPU pod the loop and the pool threads share one core; when both are runnable the
+    loop's short jobs (health checks, accepting requests) should win over inference."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: keep the default
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 class Overloaded(Exception):
@@ -29,7 +40,7 @@ class InferencePool:
         self.name = name
         self.threads = threads
         self.max_queue = max_queue
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name, initializer=_lower_priority)
         self._lock = threading.Lock()
         self.busy = 0  # jobs running on a thread
         self.queued = 0  # jobs submitted, not yet running

@@ -118,3 +118,13 @@ def test_busy_and_queued_counters_return_to_zero(threads):
 
     pool = asyncio.run(main())
     assert (pool.busy, pool.queued) == (0, 0)
+
+
+def test_pool_threads_run_at_lower_priority_than_the_loop():
+    import os
+
+    async def main():
+        pool = InferencePool(threads=1, max_queue=10)
+        return await pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    assert asyncio.run(main()) == os.getpriority(os.PRIO_PROCESS, 0) + 10
