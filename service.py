@@ -137,10 +137,12 @@ class BankChurn:
         self.ready = True
         logger.info("serving %s with %s (%s)", self.tag, self.predictor.backend, self.predictor.backend_reason)
 
-    def __is_ready__(self) -> bool:
+    # Async hooks run on the event loop; sync ones are sent to a worker thread first, which
+    # under load made /readyz wait for CPU and the GIL (stress p95: 250 ms vs 9 ms for /livez).
+    async def __is_ready__(self) -> bool:
         return self.ready
 
-    def __metrics__(self, content: str) -> str:
+    async def __metrics__(self, content: str) -> str:
         # BentoML's /metrics hook: append the live pool/queue gauges of this process.
         return content + telemetry.live_metrics()
 

@@ -1,6 +1,6 @@
 """Health-probe loop in its own process, so the test's own work cannot delay the probes.
 
-    python -m tests.probe URL SECONDS   -> prints a JSON list of [path, seconds, status]
+python -m tests.probe URL SECONDS   -> prints a JSON list of [path, seconds, status]
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def client(service_module):
 
 def test_direct_call(service_module, trained):
     svc = service_module.BankChurn()
-    assert svc.__is_ready__()
+    assert asyncio.run(svc.__is_ready__())
     out = asyncio.run(svc.predict(customer=Customer(**EXAMPLE_CUSTOMER)))
     expected = trained.pipeline.predict_proba(frame_from_rows([EXAMPLE_CUSTOMER]))[0, 1]
     assert out.churn_probability == pytest.approx(expected, abs=1e-6)
