@@ -20,7 +20,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.helpers import ServeProcess  # noqa: E402
+from tests.helpers import serving  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -55,13 +55,8 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(trained):
     """`bentoml serve service:BankChurn` in a subprocess, ready, on a free port."""
-    proc = ServeProcess(env={"BANKCHURN_MODEL_TAG": str(trained.model.tag)})
-    proc.start()
-    try:
-        proc.wait_ready()
+    with serving(env={"BANKCHURN_MODEL_TAG": str(trained.model.tag)}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="session")

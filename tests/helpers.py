@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-
-from models.schema import json_customer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,9 +40,6 @@ def metric(text: str, name: str, default: float | None = None, **labels: str) ->
             return default
         raise KeyError(f"{name}{labels or ''} not in /metrics")
     return total
-
-
-to_json_row = json_customer  # kept short for the tests' readability
 
 
 class ServeProcess:
@@ -121,3 +118,14 @@ class ServeProcess:
             self.proc.wait(10)
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def serving(**kwargs) -> Iterator[ServeProcess]:
+    """A ready `bentoml serve` (ServeProcess arguments), stopped on exit."""
+    proc = ServeProcess(**kwargs).start()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()

@@ -30,8 +30,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
-from tests.helpers import ServeProcess, metric, to_json_row
+from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, json_customer
+from tests.helpers import ServeProcess, metric
 
 # ---------------------------------------------------------------------------------------------
 # raw HTTP client
@@ -193,7 +193,7 @@ def tag(trained) -> str:
 @pytest.fixture(scope="module")
 def rows(dataset) -> list[dict]:
     """The 10,000 dataset customers as JSON rows (the /predict_batch row limit)."""
-    return [to_json_row(r) for r in dataset[list(FEATURE_NAMES)].to_dict(orient="records")]
+    return [json_customer(r) for r in dataset[list(FEATURE_NAMES)].to_dict(orient="records")]
 
 
 @pytest.fixture(scope="module")

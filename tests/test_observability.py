@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from models.schema import EXAMPLE_CUSTOMER
-from tests.helpers import ServeProcess, metric
+from tests.helpers import metric, serving
 
 
 def scrape(url: str) -> str:
@@ -37,14 +37,10 @@ def test_custom_metrics_move(server, trained):
 
 def test_tracing_exporter_from_environment(trained):
     """BANKCHURN_OTEL_EXPORTER=console prints one span per stage of a real request."""
-    proc = ServeProcess(env={"BANKCHURN_MODEL_TAG": str(trained.model.tag), "BANKCHURN_OTEL_EXPORTER": "console"})
-    proc.start()
-    try:
-        proc.wait_ready()
+    env = {"BANKCHURN_MODEL_TAG": str(trained.model.tag), "BANKCHURN_OTEL_EXPORTER": "console"}
+    with serving(env=env) as proc:
         r = httpx.post(f"{proc.url}/predict", json={"customer": EXAMPLE_CUSTOMER, "explain": True}, timeout=30)
         assert r.status_code == 200
-    finally:
-        proc.stop()
     log = proc.log()
     for span in ("bank_churn.validate", "bank_churn.featurize", "bank_churn.predict", "bank_churn.explain"):
         assert f'"name": "{span}"' in log, span

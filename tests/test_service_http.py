@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, json_customer
-from tests.helpers import ROOT, ServeProcess, metric
+from tests.helpers import ROOT, metric, serving
 
 
 def post(server, path, payload, **kw):
@@ -136,13 +136,8 @@ def pinned_server(trained):
     """A server on CPU 0 alone, like a pod with a 1-CPU limit; the test's clients use CPU 1."""
     if len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset"):
         pytest.skip("needs 2 CPUs and taskset to separate the server from its load")
-    proc = ServeProcess(env={"BANKCHURN_MODEL_TAG": str(trained.model.tag)}, prefix=("taskset", "-c", "0"))
-    proc.start()
-    try:
-        proc.wait_ready()
+    with serving(env={"BANKCHURN_MODEL_TAG": str(trained.model.tag)}, prefix=("taskset", "-c", "0")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_health_stays_fast_while_the_pools_are_saturated(pinned_server, sample_rows):
