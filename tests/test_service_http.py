@@ -49,8 +49,14 @@ def test_batch_equals_singles_in_input_order(server, sample_rows):
             responses = await asyncio.gather(*(c.post("/predict", json={"customer": r}) for r in rows))
         return [r.json()["churn_probability"] for r in responses]
 
-    # concurrent singles are coalesced into micro-batches on the server: same answers
-    assert asyncio.run(singles()) == batch_p
+    # Concurrent singles are coalesced into micro-batches of varying size on the server.
+    # ONNX Runtime's vectorised maths can round the last bit differently by batch size
+    # (measured: at most 1 ulp, 2.2e-16), so equal means within 1e-12 and the same decisions.
+    singles_p = asyncio.run(singles())
+    np.testing.assert_allclose(singles_p, batch_p, rtol=0, atol=1e-12)
+    decisions = [p["will_churn"] for p in batch.json()["predictions"]]
+    threshold = batch.json()["predictions"][0]["threshold"]
+    assert [p >= threshold for p in singles_p] == decisions
 
 
 def test_explanation_is_additive_and_sorted(server):
