@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install serve train test test-all lint format bench load-smoke load load-stress image clean
+.PHONY: install serve train test lint format bench load-smoke load load-stress image clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -37,10 +37,6 @@ train: $(VENV)/.installed
 test: $(VENV)/.installed .venv-checkov/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -m "not slow and not container"
-
-## Everything, including the slow tests (not the container build).
-test-all: $(VENV)/.installed .venv-checkov/.installed
 	$(VENV)/bin/pytest -m "not container"
 
 lint: $(VENV)/.installed
