@@ -65,16 +65,6 @@ class Predictor:
         frame = pd.DataFrame.from_records(rows, columns=list(FEATURE_NAMES))
         return self.bundle.pipeline.predict_proba(frame)[:, 1]
 
-    def predict_frame(self, frame: pd.DataFrame) -> np.ndarray:
-        if self.compiled is not None:
-            return self.compiled.predict_proba_frame(frame)
-        return self.bundle.pipeline.predict_proba(frame[list(FEATURE_NAMES)])[:, 1]
-
-    def sklearn_proba(self, rows: Sequence[Sequence[Any]]) -> np.ndarray:
-        """The scikit-learn pipeline's own answer (reference for parity checks)."""
-        frame = pd.DataFrame.from_records(rows, columns=list(FEATURE_NAMES))
-        return self.bundle.pipeline.predict_proba(frame)[:, 1]
-
     # ------------------------------------------------------------------ explanations
 
     def explain(self, row: Sequence[Any]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from models.schema import FEATURE_NAMES, schema_dict
 MODEL_NAME = "bank_churn"
 PIPELINE_FILE = "pipeline.joblib"
 BACKGROUND_FILE = "background.json"
-REPORT_FILE = "report.json"
 COMPILED_FILE = "pipeline.onnx"  # ONNX Runtime model, saved only when its parity check passed
 TRAIN_COMMAND = "python -m training"  # what to run when the store has no model
 LIBRARIES = ("scikit-learn", "xgboost", "lightgbm", "numpy", "pandas", "bentoml", "onnx", "onnxruntime")

@@ -19,7 +19,6 @@ from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
 PREFIX = "bank_churn"
-STAGES = ("validate", "featurize", "queue", "predict", "explain", "csv_parse")
 
 STAGE_SECONDS = Histogram(
     f"{PREFIX}_stage_duration_seconds",
