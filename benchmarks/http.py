@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from benchmarks.inprocess import cpu_model
 from models.schema import FEATURE_NAMES, json_customer
 from tests.helpers import ROOT, ServeProcess
 from training.data import load_data
@@ -52,17 +53,7 @@ end
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-    )
+    return f"{os.cpu_count()} cores, {cpu_model()}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def commit() -> str:
