@@ -79,15 +79,8 @@ done
 [[ "$READY_TIMEOUT" =~ ^[0-9]+$ ]] || die "--ready-timeout must be whole seconds, got '$READY_TIMEOUT'"
 for kv in "${EXTRA_ENV[@]+"${EXTRA_ENV[@]}"}"; do [[ "$kv" == *=* ]] || die "--env expects KEY=VALUE, got '$kv'"; done
 
-export STORAGE_DRIVER="${STORAGE_DRIVER:-vfs}"
-export BUILDAH_ISOLATION="${BUILDAH_ISOLATION:-chroot}"
-# buildah 1.28 ignores $STORAGE_DRIVER when it finds a "prior" driver, so pass it explicitly.
-buildah() { command buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
-
-# ---------------------------------------------------------------- prerequisites
-[[ $EUID -eq 0 ]] || die "must run as root (buildah with vfs + chroot isolation, debootstrap)"
-command -v buildah >/dev/null || die "buildah not found: apt-get install buildah debootstrap"
-command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install buildah debootstrap"
+# shellcheck source=deploy/image/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 command -v curl >/dev/null || die "curl not found: apt-get install curl"
 if [[ -n "${BENTOML_BIN:-}" ]]; then :;
 elif [[ -x "$REPO/.venv/bin/bentoml" ]]; then BENTOML_BIN="$REPO/.venv/bin/bentoml";

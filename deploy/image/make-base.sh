@@ -34,15 +34,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-export STORAGE_DRIVER="${STORAGE_DRIVER:-vfs}"
-export BUILDAH_ISOLATION="${BUILDAH_ISOLATION:-chroot}"
-# buildah 1.28 does not reliably honour $STORAGE_DRIVER by itself (it re-uses a
-# "prior" driver found under /var/lib/containers/storage), so pass it explicitly.
-buildah() { command buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
-
-[[ $EUID -eq 0 ]] || die "must run as root (debootstrap and buildah mount need it)"
-command -v buildah >/dev/null || die "buildah not found: apt-get install buildah debootstrap"
-command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install buildah debootstrap"
+# shellcheck source=deploy/image/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Packages on top of debootstrap's minbase. python3/python3-venv/python3-pip give
 # python3.11 + pip + venv; ca-certificates/netbase/tzdata match python:*-slim; the
