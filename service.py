@@ -25,7 +25,7 @@ from models.batch import score_csv_bytes
 from models.concurrency import InferencePool, MicroBatcher, Overloaded
 from models.http import BodyLimitMiddleware, ValidationMessageMiddleware, describe_validation_errors, error_response
 from models.predictor import load_predictor
-from models.schema import EXAMPLE_CUSTOMER, BatchValidationError, Customer, row_values, schema_dict, validate_rows
+from models.schema import BatchValidationError, Customer, row_values, schema_dict, validate_rows
 from models.settings import Settings
 from models.store import get_stored
 
@@ -128,8 +128,8 @@ class BankChurn:
         )
         telemetry.set_model_info(self.tag, self.predictor.backend)
         telemetry.watch(self.batcher, self.pool, self.explain_pool)
-        # Warm-up: readiness turns true only after a real prediction has succeeded.
-        self._predict_rows([row_values(EXAMPLE_CUSTOMER)])
+        # No second warm-up: load_predictor() already proved the model with a real prediction
+        # in this process, so readiness can turn true as soon as the pools exist.
         # Move everything loaded so far (frameworks, model) out of the cyclic GC's reach:
         # full collections over it held the GIL for 100-200 ms, stalling the event loop.
         gc.collect()
