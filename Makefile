@@ -8,14 +8,22 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install serve train test lint format bench load-smoke load load-stress image clean
+.PHONY: install lock serve train test lint format bench load-smoke load load-stress image clean
 
-$(VENV)/.installed: pyproject.toml
+# Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
+# error, not a silent re-resolve): serving, training (all extras) and the dev group.
+$(VENV)/.installed: pyproject.toml uv.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9
-	$(UV) pip install --quiet --python $(PY) -r pyproject.toml --all-extras
+	test -x $(UV) || $(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9
+	$(UV) sync --quiet --frozen --all-extras --python $(PY)
 	touch $@
+
+## Re-resolve uv.lock after editing pyproject.toml, and export the Bento's pinned requirements.
+lock: $(VENV)/.installed
+	$(UV) lock
+	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header -o requirements/serve.txt
+	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header --extra sklearn -o requirements/full.txt
 
 .venv-checkov/.installed:
 	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov

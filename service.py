@@ -20,23 +20,24 @@ from bentoml.validators import ContentType
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from models import telemetry
-from models.batch import score_csv_bytes
-from models.concurrency import InferencePool, MicroBatcher, Overloaded
-from models.http import BodyLimitMiddleware, ValidationMessageMiddleware, describe_validation_errors, error_response
 from models.predictor import load_predictor
 from models.schema import BatchValidationError, Customer, row_values, schema_dict, validate_rows
-from models.settings import Settings
-from models.store import get_stored
+from models.store import check_model, get_stored
+from serving import telemetry
+from serving.concurrency import InferencePool, MicroBatcher, Overloaded
+from serving.csv_scoring import score_csv_bytes
+from serving.http import BodyLimitMiddleware, ValidationMessageMiddleware, describe_validation_errors, error_response
+from serving.settings import Settings
 
 logger = logging.getLogger("bentoml.service.bank_churn")
 settings = Settings()
-# The model is resolved, loaded and warmed up when this module is imported, on purpose: the
-# `bentoml serve` arbiter imports it too, so a missing, corrupted or mismatched model stops
-# start-up at once with a clear message. (Failing later, in a worker, makes the arbiter
-# respawn the worker forever.) ':latest' is pinned to one version here.
+# The model is resolved and checked (schema, threshold, every file's SHA-256) when this module
+# is imported, on purpose: the `bentoml serve` arbiter imports it too, so a missing, corrupt or
+# mismatched model stops start-up at once with a clear message. (Failing later, in a worker,
+# makes the arbiter respawn the worker forever.) The check reads files but loads nothing: only
+# the worker loads the model, in __init__. ':latest' is pinned to one version here.
 STORED_MODEL = get_stored(settings.model_tag)
-PREDICTOR = load_predictor(STORED_MODEL, settings.use_compiled, settings.runtime_threads)
+check_model(STORED_MODEL)
 RETRY_AFTER = {"Retry-After": "1"}
 
 
@@ -112,8 +113,8 @@ class BankChurn:
     def __init__(self) -> None:
         self.ready = False
         telemetry.configure_tracing(settings.otel_exporter)
-        self.predictor = PREDICTOR
-        self.tag = PREDICTOR.bundle.tag
+        self.predictor = load_predictor(STORED_MODEL, settings.use_compiled, settings.runtime_threads)
+        self.tag = self.predictor.bundle.tag
         self.pool = InferencePool(settings.inference_threads, settings.max_queue)
         # Explanations (~1,000x the work of a prediction) get their own pool, so they never
         # hold up /predict batches queued behind them.
@@ -128,8 +129,8 @@ class BankChurn:
         )
         telemetry.set_model_info(self.tag, self.predictor.backend)
         telemetry.watch(self.batcher, self.pool, self.explain_pool)
-        # No second warm-up: load_predictor() already proved the model with a real prediction
-        # in this process, so readiness can turn true as soon as the pools exist.
+        # load_predictor() proved the model with a real prediction, so readiness can turn true
+        # as soon as the pools exist.
         # Move everything loaded so far (frameworks, model) out of the cyclic GC's reach:
         # full collections over it held the GIL for 100-200 ms, stalling the event loop.
         gc.collect()

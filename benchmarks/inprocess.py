@@ -30,7 +30,8 @@ from pathlib import Path
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from models.compiled import CompiledModel, compile_pipeline, learner_parity, parity_report
+from models.compiled import CompiledModel
+from models.compiler import compile_pipeline, learner_parity, parity_report
 from models.schema import FEATURE_NAMES, FEATURES, TARGET, frame_from_rows, validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +46,8 @@ def load_pipeline(fast: bool = False) -> tuple[object, str]:
     model from the store (BANKCHURN_MODEL_TAG, default bank_churn:latest), or with --fast a
     small model fitted here (a smoke run that needs no trained model)."""
     if not fast:
-        from models.settings import Settings
         from models.store import get_stored, load_bundle
+        from serving.settings import Settings
 
         bundle = load_bundle(get_stored(Settings().model_tag))
         return bundle.pipeline, f"{bundle.tag} from the model store (the served model)"

@@ -1,6 +1,8 @@
 """The synchronous prediction core: one loaded model, two interchangeable backends.
 
-Everything here is plain blocking code; the service runs it on its inference pool.
+Everything here is plain blocking code; the service runs it on its inference pool. With the
+compiled backend nothing here imports pandas, scikit-learn, XGBoost or LightGBM: they are
+imported only when the scikit-learn pipeline serves (no compiled graph, or it is disabled).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from models.schema import CATEGORICAL_FEATURES, EXAMPLE_CUSTOMER, FEATURE_NAMES, NUMERIC_FEATURES, row_values
-from models.store import COMPILED_FILE, TRAIN_COMMAND, ModelBundle, ModelLoadError, load_bundle
+from models.store import BACKGROUND_FILE, COMPILED_FILE, PIPELINE_FILE, TRAIN_COMMAND, ModelBundle, ModelLoadError
+from models.store import load_bundle as _load_bundle
 
 _EPS = 1e-15  # keeps log-odds finite for probabilities that round to 0 or 1
 
@@ -62,8 +64,7 @@ class Predictor:
         """P(churn) for each row, float64, in input order."""
         if self.compiled is not None:
             return self.compiled.predict_proba_rows(rows)
-        frame = pd.DataFrame.from_records(rows, columns=list(FEATURE_NAMES))
-        return self.bundle.pipeline.predict_proba(frame)[:, 1]
+        return self._sklearn_proba(_frame(rows))
 
     # ------------------------------------------------------------------ explanations
 
@@ -87,8 +88,10 @@ class Predictor:
         if self.compiled is not None:
             proba = self.compiled.predict_proba_columns(numeric, categorical)
         else:
+            import pandas as pd
+
             frame = pd.DataFrame({**dict(zip(NUMERIC_FEATURES, numeric.T, strict=True)), **categorical})
-            proba = self.bundle.pipeline.predict_proba(frame[list(FEATURE_NAMES)])[:, 1]
+            proba = self._sklearn_proba(frame[list(FEATURE_NAMES)])
         value = log_odds(proba).reshape(len(masks), k).mean(axis=1)
 
         # Subset i contains feature j when bit (n-1-j) of i is set (itertools.product order).
@@ -122,8 +125,26 @@ class Predictor:
         self._num_idx = [FEATURE_NAMES.index(f) for f in NUMERIC_FEATURES]
         self._cat_idx = {f: FEATURE_NAMES.index(f) for f in CATEGORICAL_FEATURES}
         background = self.bundle.background
-        self._bg_numeric = background[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float64)
-        self._bg_categorical = {f: background[f].to_numpy(dtype=object) for f in CATEGORICAL_FEATURES}
+        self._bg_numeric = np.array([[r[f] for f in NUMERIC_FEATURES] for r in background], dtype=np.float64)
+        self._bg_categorical = {f: np.array([r[f] for r in background], dtype=object) for f in CATEGORICAL_FEATURES}
+
+    def _sklearn_proba(self, frame: Any) -> np.ndarray:
+        return self.bundle.pipeline.predict_proba(frame)[:, 1]
+
+
+def _frame(rows: Sequence[Sequence[Any]]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame.from_records(rows, columns=list(FEATURE_NAMES))
+
+
+def load_bundle(model: Any, prefer_compiled: bool = True) -> ModelBundle:
+    """A checked model-store entry with the files a predictor needs: the compiled graph when
+    it is preferred and its parity held, else the scikit-learn pipeline."""
+    compiled = model.info.metadata.get("compiled", {})
+    if prefer_compiled and compiled.get("enabled") and compiled.get("passed"):
+        return _load_bundle(model, need=(COMPILED_FILE, BACKGROUND_FILE))
+    return _load_bundle(model, need=(PIPELINE_FILE, BACKGROUND_FILE))
 
 
 def load_predictor(model: Any, prefer_compiled: bool = True, runtime_threads: int = 1) -> Predictor:
@@ -131,7 +152,9 @@ def load_predictor(model: Any, prefer_compiled: bool = True, runtime_threads: in
 
     Any failure becomes a ModelLoadError whose message names the model and what to do.
     """
-    bundle = load_bundle(model, optional_files=(COMPILED_FILE,))
+    bundle = load_bundle(model, prefer_compiled)
+    if COMPILED_FILE not in bundle.files:
+        bundle.pipeline  # noqa: B018 - unpickle it now; its errors are ModelLoadErrors of their own
     try:
         predictor = Predictor(bundle, prefer_compiled, runtime_threads)
         proba = predictor.predict_rows([row_values(EXAMPLE_CUSTOMER)])

@@ -8,11 +8,12 @@ tests draw their payloads from it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import pandas as pd
 import pydantic
+
+if TYPE_CHECKING:  # training-side checks take DataFrames; serving never imports pandas
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 
@@ -111,6 +112,9 @@ def validate_frame(df: pd.DataFrame, *, require_target: bool = True) -> pd.DataF
     Raises DataValidationError naming every bad column and how many rows are bad. Nothing
     is dropped or coerced silently. Row numbers in messages count data rows from 0.
     """
+    import numpy as np
+    import pandas as pd
+
     problems: list[str] = []
     required = list(FEATURE_NAMES) + ([TARGET] if require_target else [])
     missing = [c for c in required if c not in df.columns]
@@ -181,6 +185,8 @@ def validate_frame(df: pd.DataFrame, *, require_target: bool = True) -> pd.DataF
 
 def frame_from_rows(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Feature frame (schema column order and dtypes) from already-validated rows."""
+    import pandas as pd
+
     frame = pd.DataFrame.from_records(rows, columns=list(FEATURE_NAMES))
     for name in NUMERIC_FEATURES:
         frame[name] = frame[name].astype("float64")

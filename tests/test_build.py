@@ -48,11 +48,38 @@ def test_bento_holds_only_serving_code(bento):
     assert not [f for f in files if f.startswith(forbidden) or "__pycache__" in f], files
 
 
-def test_bento_pins_packages_and_thread_envs(bento):
-    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
-    for pin in ("bentoml==1.4.39", "scikit-learn==1.9.1", "xgboost==3.2.0", "lightgbm==4.7.0", "onnxruntime==1.32.0"):
-        assert pin in requirements
+def _pins(requirements: str) -> set[str]:
+    """Normalised 'name==version; marker' requirements, comments and blank lines dropped."""
+    from packaging.requirements import Requirement
+
+    lines = (line.strip() for line in requirements.splitlines())
+    return {str(Requirement(line)) for line in lines if line and not line.startswith("#")}
+
+
+def test_bento_installs_the_locked_serving_set_only(bento):
+    bento_pins = _pins((bento / "env" / "python" / "requirements.txt").read_text())
+    assert bento_pins == _pins((ROOT / "requirements" / "serve.txt").read_text())
+    pins = {line.split("==")[0] for line in bento_pins}
+    assert {"bentoml", "onnxruntime", "numpy", "pydantic", "saq", "redis", "orjson"} <= pins
+    assert not pins & {"scikit-learn", "xgboost", "xgboost-cpu", "lightgbm", "pandas", "joblib", "onnx"}, pins
+
+
+def test_bento_sets_thread_envs_and_one_worker(bento):
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "OMP_NUM_THREADS" in dockerfile
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     assert info["services"][0]["config"]["workers"] == 1
+
+
+@pytest.mark.parametrize(("name", "extra"), [("serve.txt", []), ("full.txt", ["--extra", "sklearn"])])
+def test_exported_requirements_match_the_lock(name, extra):
+    """requirements/*.txt are exported from uv.lock (`make lock`); a stale export fails here."""
+    uv = Path(sys.executable).parent / "uv"
+    proc = subprocess.run(
+        [str(uv), "export", "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "--no-header", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert proc.stdout == (ROOT / "requirements" / name).read_text(), f"requirements/{name} is stale: run `make lock`"

@@ -19,10 +19,9 @@ import onnx
 import pandas as pd
 import pytest
 
-from models.compiled import (
-    ONNX_FILE,
+from models.compiled import CompiledModel
+from models.compiler import (
     TOLERANCE,
-    CompiledModel,
     UnsupportedModelError,
     compile_pipeline,
     learner_parity,
@@ -39,6 +38,7 @@ from models.schema import (
     row_values,
     validate_frame,
 )
+from models.store import COMPILED_FILE
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "Churn_Modelling.csv"
 
@@ -234,7 +234,7 @@ def test_compile_is_deterministic_and_valid(pipeline, onnx_bytes, tmp_path):
     assert [i.name for i in model.graph.input] == ["numeric", "Geography", "Gender"]
     assert [o.name for o in model.graph.output] == ["p_churn", "base_proba"]
     # Saved and loaded as a file, the model predicts the same.
-    path = tmp_path / ONNX_FILE
+    path = tmp_path / COMPILED_FILE
     path.write_bytes(onnx_bytes)
     again = CompiledModel(path.read_bytes())
     rows = [row_values(EXAMPLE_CUSTOMER)]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from models.concurrency import InferencePool, MicroBatcher, Overloaded
+from serving.concurrency import InferencePool, MicroBatcher, Overloaded
 
 
 def slow_double(items: list[int]) -> list[int]:

@@ -9,12 +9,12 @@ import pytest
 
 from models.predictor import Predictor, log_odds
 from models.schema import FEATURE_NAMES, row_values
-from models.store import COMPILED_FILE, get_stored, load_bundle
+from models.store import get_stored, load_bundle
 
 
 @pytest.fixture(scope="module")
 def predictors(trained):
-    bundle = load_bundle(get_stored(str(trained.model.tag)), optional_files=(COMPILED_FILE,))
+    bundle = load_bundle(get_stored(str(trained.model.tag)))
     compiled, plain = Predictor(bundle, prefer_compiled=True), Predictor(bundle, prefer_compiled=False)
     assert (compiled.backend, plain.backend) == ("onnxruntime", "sklearn")
     return compiled, plain

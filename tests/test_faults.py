@@ -236,6 +236,13 @@ def _garble(filename: str):
     return corrupt
 
 
+def _remove(filename: str):
+    def corrupt(model_dir: Path) -> None:
+        (model_dir / filename).unlink()
+
+    return corrupt
+
+
 def _edit_saved_schema(edit):
     def corrupt(model_dir: Path) -> None:
         info_file = model_dir / "model.yaml"
@@ -264,11 +271,20 @@ MODEL_FAULTS = {
         "bank_churn:doesnotexist",
         ["model '{tag}' is not in the BentoML model store", "python -m training", "BANKCHURN_MODEL_TAG"],
     ),
-    "corrupt-pipeline-joblib": (_garble("pipeline.joblib"), None, ["model '{tag}' is unreadable", "retrain"]),
+    "corrupt-pipeline-joblib": (
+        _garble("pipeline.joblib"),
+        None,
+        ["model '{tag}' is unreadable: pipeline.joblib does not match the SHA-256", "retrain"],
+    ),
     "corrupt-pipeline-onnx": (
         _garble("pipeline.onnx"),
         None,
-        ["model '{tag}' failed its warm-up prediction", "retrain"],
+        ["model '{tag}' is unreadable: pipeline.onnx does not match the SHA-256", "retrain"],
+    ),
+    "missing-background": (
+        _remove("background.json"),
+        None,
+        ["model '{tag}' is unreadable: background.json is missing", "retrain"],
     ),
     "schema-renamed-feature": (
         _edit_saved_schema(_rename_first_feature),

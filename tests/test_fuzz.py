@@ -24,7 +24,7 @@ import schemathesis
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
-from models.settings import Settings
+from serving.settings import Settings
 
 CUSTOMER = EXAMPLE_CUSTOMER
 JSON = {"content-type": "application/json"}

@@ -57,7 +57,7 @@ def test_tracing_is_off_by_default_and_spans_each_stage_when_on(client):
     from opentelemetry import trace
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from models import telemetry
+    from serving import telemetry
 
     assert isinstance(telemetry._tracer, trace.NoOpTracer)  # BANKCHURN_OTEL_EXPORTER defaults to none
     exporter = InMemorySpanExporter()

@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
 def main(argv: list[str] | None = None) -> int:
     cfg, if_missing = parse_args(argv)
     if if_missing:
-        from models.settings import Settings
         from models.store import ModelLoadError, get_stored
+        from serving.settings import Settings
 
         tag = Settings().model_tag
         try:

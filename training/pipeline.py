@@ -11,7 +11,7 @@ from typing import Any
 import bentoml
 
 from models.schema import schema_dict
-from models.store import library_versions, save_model
+from models.store import COMPILED_FILE, library_versions, save_model
 from training.data import DEFAULT_DATA, Splits, file_sha256, load_data, stratify_split
 from training.evaluate import evaluate, write_report
 from training.fit import fit_pipeline
@@ -81,7 +81,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     extra_files: dict[str, bytes] = {}
     compiled_info: dict[str, Any] = {"enabled": False}
     if cfg.compile:
-        from models.compiled import ONNX_FILE, CompiledModel, compile_pipeline, parity_report
+        from models.compiled import CompiledModel
+        from models.compiler import compile_pipeline, parity_report
 
         def _compile():
             t0 = time.perf_counter()
@@ -91,7 +92,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             parity = parity_report(pipeline, CompiledModel(blob), df, evaluation["threshold"])
             return blob, {
                 "enabled": True,
-                "file": ONNX_FILE,
+                "file": COMPILED_FILE,
                 "bytes": len(blob),
                 "seconds": round(seconds, 2),
                 **parity,
@@ -106,7 +107,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             ),
         )
         if compiled_info["passed"]:
-            extra_files[ONNX_FILE] = blob
+            extra_files[COMPILED_FILE] = blob
         else:
             log("  parity failed: the compiled model is NOT saved; the service will serve the sklearn pipeline")
 
@@ -136,7 +137,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     labels = {"framework": "sklearn", "ensemble": "stacking", "stage": cfg.stage}
     model = stages.run(
         "save",
-        lambda: save_model(pipeline, metadata, labels, background, extra_files),
+        lambda: save_model(pipeline, metadata, labels, background.to_dict(orient="records"), extra_files),
         lambda m: f"saved {m.tag}",
     )
     report = {"model_tag": str(model.tag), "seed": cfg.seed, "fast": cfg.fast, "evaluation": evaluation, **metadata}

@@ -10,9 +10,9 @@ from typing import Any
 
 import pydantic
 
-from models import telemetry
-from models.http import describe_validation_errors
 from models.schema import BY_NAME, FEATURE_NAMES, ID_COLUMN, Customer, row_values
+from serving import telemetry
+from serving.http import describe_validation_errors
 
 _INT = re.compile(r"^[+-]?\d+$")
 
