@@ -10,7 +10,6 @@ so the event loop (and with it /livez and /readyz) stays responsive under any lo
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,12 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from models.predictor import load_predictor
-from models.schema import BatchValidationError, Customer, row_values, schema_dict, validate_rows
+from models.schema import BatchValidationError, Customer, row_values, schema_dict
 from models.store import check_model, get_stored
 from serving import telemetry
-from serving.concurrency import InferencePool, MicroBatcher, Overloaded
+from serving.concurrency import Overloaded
 from serving.csv_scoring import score_csv_bytes
+from serving.engine import Engine
 from serving.http import BodyLimitMiddleware, ValidationMessageMiddleware, describe_validation_errors, error_response
+from serving.online import PredictRoute, overloaded
+from serving.routes import HotRoutes, RouteTable
 from serving.settings import Settings
 
 logger = logging.getLogger("bentoml.service.bank_churn")
@@ -38,7 +40,9 @@ settings = Settings()
 # the worker loads the model, in __init__. ':latest' is pinned to one version here.
 STORED_MODEL = get_stored(settings.model_tag)
 check_model(STORED_MODEL)
-RETRY_AFTER = {"Retry-After": "1"}
+# The hot routes (serving.routes), answered in front of BentoML's middleware; filled in
+# __init__ (each worker process has one service instance).
+HOT_ROUTES = RouteTable()
 
 
 class Contribution(BaseModel):
@@ -114,21 +118,10 @@ class BankChurn:
         self.ready = False
         telemetry.configure_tracing(settings.otel_exporter)
         self.predictor = load_predictor(STORED_MODEL, settings.use_compiled, settings.runtime_threads)
-        self.tag = self.predictor.bundle.tag
-        self.pool = InferencePool(settings.inference_threads, settings.max_queue)
-        # Explanations (~1,000x the work of a prediction) get their own pool, so they never
-        # hold up /predict batches queued behind them.
-        self.explain_pool = InferencePool(settings.explain_threads, settings.max_explain_queue, name="explain")
-        self.batcher = MicroBatcher(
-            self._predict_rows,
-            self.pool,
-            max_batch=settings.micro_batch_rows,
-            max_pending=settings.max_queue,
-            on_batch=telemetry.BATCH_ROWS.observe,
-            on_wait=telemetry.STAGE_SECONDS.labels("queue").observe,
-        )
-        telemetry.set_model_info(self.tag, self.predictor.backend)
-        telemetry.watch(self.batcher, self.pool, self.explain_pool)
+        self.engine = Engine(self.predictor, settings)
+        self.tag = self.engine.tag
+        HOT_ROUTES.configure(settings.request_timeout_s, settings.access_log)
+        HOT_ROUTES.route("POST", "/predict", PredictRoute(self.engine, PredictInput, settings.max_body_bytes))
         # load_predictor() proved the model with a real prediction, so readiness can turn true
         # as soon as the pools exist.
         # Move everything loaded so far (frameworks, model) out of the cyclic GC's reach:
@@ -150,84 +143,41 @@ class BankChurn:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self.ready = False
-        self.pool.shutdown()
-        self.explain_pool.shutdown()
-
-    # ------------------------------------------------------------------ sync core
-
-    def _predict_rows(self, rows: list[tuple]) -> list[float]:
-        with telemetry.stage("predict"):
-            proba = self.predictor.predict_rows(rows)
-        telemetry.record_predictions(proba, self.predictor.threshold)
-        return proba.tolist()
-
-    def _prediction(self, p: float, explanation: dict | None = None) -> Prediction:
-        return Prediction(
-            churn_probability=p,
-            will_churn=p >= self.predictor.threshold,
-            threshold=self.predictor.threshold,
-            model_version=self.tag,
-            explanation=explanation,
-        )
+        self.engine.shutdown()
 
     # ------------------------------------------------------------------ APIs
+    # Over HTTP, POST /predict is answered by the hot route in front of BentoML (serving.online)
+    # with this same request model; this method serves in-process calls and documents the API.
 
     @bentoml.api(input_spec=PredictInput)
     async def predict(self, customer: Customer, explain: bool = False) -> Prediction:  # type: ignore[valid-type]
         """Churn probability for one customer; `explain: true` adds per-feature contributions."""
-        telemetry.record_since_request_start("validate")
-        with telemetry.stage("featurize"):
-            row = row_values(customer)
+        row = row_values(customer)
         try:
-            if explain:
-                p = await self.batcher.submit(row)
-                explanation = await self.explain_pool.run(self._explain, row)
-                return self._prediction(p, explanation)
-            return self._prediction(await self.batcher.submit(row))
+            p = await self.engine.predict_one(row)
+            return Prediction(**self.engine.prediction(p, await self.engine.explain(row) if explain else None))
         except Overloaded as exc:
             return _shed(exc)
 
     @bentoml.api(input_spec=BatchInput)
-    async def predict_batch(
-        self,
-        customers: list[dict],
-    ) -> BatchPrediction:
+    async def predict_batch(self, customers: list[dict]) -> BatchPrediction:
         """Churn probabilities for 1 to BANKCHURN_MAX_BATCH_ROWS customers, in input order."""
         telemetry.record_since_request_start("receive")
         try:
-            body = await self.pool.run(self._score_batch, customers)
+            body = await self.engine.score_records(customers)
         except BatchValidationError as exc:
             return error_response(400, "; ".join(describe_validation_errors(exc.errors)), detail=exc.errors)
         except Overloaded as exc:
             return _shed(exc)
         return Response(body, media_type="application/json")
 
-    def _score_batch(self, customers: list[dict]) -> bytes:
-        with telemetry.stage("validate"):
-            rows = validate_rows(customers, prefix="customers")
-        telemetry.BATCH_ROWS.observe(len(rows))
-        probabilities = self._predict_rows(rows)
-        threshold, tag = self.predictor.threshold, self.tag
-        return json.dumps(
-            {
-                "predictions": [
-                    {"churn_probability": p, "will_churn": p >= threshold, "threshold": threshold, "model_version": tag}
-                    for p in probabilities
-                ]
-            }
-        ).encode()
-
     @bentoml.api(input_spec=ExplainInput)
     async def explain(self, customer: Customer) -> Explanation:  # type: ignore[valid-type]
         """Per-feature contributions to the churn log-odds; base_value + their sum = log_odds."""
         try:
-            return Explanation(**await self.explain_pool.run(self._explain, row_values(customer)))
+            return Explanation(**await self.engine.explain(row_values(customer)))
         except Overloaded as exc:
             return _shed(exc)
-
-    def _explain(self, row: tuple) -> dict:
-        with telemetry.stage("explain"):
-            return self.predictor.explain(row)
 
     @bentoml.api(input_spec=NoInput)
     async def model_card(self) -> dict:
@@ -257,15 +207,15 @@ class BankChurn:
         GET /score_csv/get?task_id=.... Bad rows are reported one by one; good rows are scored.
         """
         data = Path(file).read_bytes()
-        return await self.pool.run(score_csv_bytes, self.predictor, data, settings.max_csv_rows)
+        return await self.engine.pool.run(score_csv_bytes, self.predictor, data, settings.max_csv_rows)
 
 
 def _shed(exc: Overloaded) -> Response:
-    """503 + Retry-After at once, counted, instead of letting the request time out."""
-    telemetry.SHED.inc()
-    return error_response(503, f"overloaded: {exc}; retry later", headers=RETRY_AFTER)
+    err = overloaded(exc)
+    return error_response(err.status, err.message, headers=err.headers)
 
 
+BankChurn.add_asgi_middleware(HotRoutes, table=HOT_ROUTES)
 BankChurn.add_asgi_middleware(ValidationMessageMiddleware)
 BankChurn.add_asgi_middleware(
     BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes

@@ -66,6 +66,16 @@ class Predictor:
             return self.compiled.predict_proba_rows(rows)
         return self._sklearn_proba(_frame(rows))
 
+    def predict_columns(self, numeric: np.ndarray, categorical: dict[str, np.ndarray]) -> np.ndarray:
+        """P(churn) from validated columns: numeric float64 [n, len(NUMERIC_FEATURES)] in schema
+        order, and one object array [n] of strings per categorical feature."""
+        if self.compiled is not None:
+            return self.compiled.predict_proba_columns(numeric, categorical)
+        import pandas as pd
+
+        frame = pd.DataFrame({**dict(zip(NUMERIC_FEATURES, numeric.T, strict=True)), **categorical})
+        return self._sklearn_proba(frame[list(FEATURE_NAMES)])
+
     # ------------------------------------------------------------------ explanations
 
     def explain(self, row: Sequence[Any]) -> dict[str, Any]:
@@ -85,13 +95,7 @@ class Predictor:
             name: np.where(masks[:, None, i], row[i], self._bg_categorical[name][None, :]).reshape(-1)
             for name, i in self._cat_idx.items()
         }
-        if self.compiled is not None:
-            proba = self.compiled.predict_proba_columns(numeric, categorical)
-        else:
-            import pandas as pd
-
-            frame = pd.DataFrame({**dict(zip(NUMERIC_FEATURES, numeric.T, strict=True)), **categorical})
-            proba = self._sklearn_proba(frame[list(FEATURE_NAMES)])
+        proba = self.predict_columns(numeric, categorical)
         value = log_odds(proba).reshape(len(masks), k).mean(axis=1)
 
         # Subset i contains feature j when bit (n-1-j) of i is set (itertools.product order).

@@ -26,4 +26,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="CSV uploads above this get 413")
     max_csv_rows: int = Field(200_000, ge=1, description="row limit of a CSV scoring job")
+    access_log: str = Field(
+        "errors",
+        pattern=r"^(errors|all|off|0(\.\d+)?|1(\.0+)?)$",
+        description="hot routes' access log: errors (status >= 400), all, off, or a sampling rate such as 0.01",
+    )
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="where tracing spans go")

@@ -404,14 +404,17 @@ def fleet(tag, tmp_path_factory) -> dict[str, ServeProcess]:
 # 1. overload: beyond capacity, fast 503 + Retry-After instead of waiting to time out
 
 OVERLOAD_FLOODS = [
-    # path, concurrent closed-loop clients, seconds
-    pytest.param("/explain", 40, 2.0, id="explain-40-clients"),
-    pytest.param("/predict", 200, 2.0, id="predict-single-rows-200-clients"),
+    # path, concurrent closed-loop clients, seconds, whether a 200 waited in a queue long
+    # enough to compare: an explanation waits for the ones ahead of it (tens of ms each), a
+    # /predict row for at most two micro-batches (well under a millisecond), so there both
+    # answers cost the same connection handling.
+    pytest.param("/explain", 40, 2.0, True, id="explain-40-clients"),
+    pytest.param("/predict", 200, 2.0, False, id="predict-single-rows-200-clients"),
 ]
 
 
-@pytest.mark.parametrize(("path", "clients", "seconds"), OVERLOAD_FLOODS)
-def test_overload_is_shed_fast_with_503(fleet, bodies, expected, tag, path, clients, seconds):
+@pytest.mark.parametrize(("path", "clients", "seconds", "queued"), OVERLOAD_FLOODS)
+def test_overload_is_shed_fast_with_503(fleet, bodies, expected, tag, path, clients, seconds, queued):
     server = fleet["overload"]
     httpx.post(f"{server.url}{path}", content=bodies["one"], headers={"content-type": "application/json"})  # warm
     outcomes = asyncio.run(flood(server.port, path, bodies["one"], clients, seconds))
@@ -427,7 +430,8 @@ def test_overload_is_shed_fast_with_503(fleet, bodies, expected, tag, path, clie
             assert o.json()["churn_probability"] == pytest.approx(expected["example"], abs=1e-6)
     # Shed, not queued: a 503 comes back well before a request that waited in the queue, and
     # far below the 10 s request timeout.
-    assert p50(shed) < 0.75 * p50(ok)
+    if queued:
+        assert p50(shed) < 0.75 * p50(ok)
     assert shed[-1] < 2.0
     wait_idle(server)
     assert_serves_correctly(server, expected["example"], tag)

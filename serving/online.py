@@ -1,0 +1,67 @@
+"""POST /predict as a hot route (serving.routes): same request model, same answers and the
+same error bodies as the BentoML API it stands in front of, without BentoML's per-request
+machinery. The BentoML API stays declared, so /docs.json, /schema.json and BentoML's Python
+clients see /predict as before; the BentoML implementation answers in-process calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pydantic
+from starlette.types import Receive, Scope, Send
+
+from models.schema import row_values
+from serving import telemetry
+from serving.concurrency import Overloaded
+from serving.engine import Engine
+from serving.http import describe_validation_errors
+from serving.routes import HttpError, media_type, read_body, send_json
+
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+def validation_error(exc: pydantic.ValidationError) -> HttpError:
+    """400 naming each bad field and what it allows, shaped like BentoML's validation answers."""
+    detail = exc.errors(include_input=False, include_context=False)
+    messages = describe_validation_errors(detail)
+    message = "; ".join(messages[:10]) + (f" (and {len(messages) - 10} more)" if len(messages) > 10 else "")
+    return HttpError(400, message, detail=detail)
+
+
+def overloaded(exc: Overloaded) -> HttpError:
+    """503 + Retry-After at once, counted, instead of letting the request time out."""
+    telemetry.SHED.inc()
+    return HttpError(503, f"overloaded: {exc}; retry later", headers=RETRY_AFTER)
+
+
+class PredictRoute:
+    """POST /predict: {"customer": {...}, "explain": false} -> a Prediction."""
+
+    def __init__(self, engine: Engine, request_model: type[pydantic.BaseModel], max_body_bytes: int):
+        self.engine = engine
+        self.request_model = request_model
+        self.max_body_bytes = max_body_bytes
+
+    @staticmethod
+    def accepts(scope: Scope) -> bool:
+        """JSON bodies only: BentoML's own route keeps its multipart encoding of the same API
+        and its answers to other media types."""
+        return media_type(scope) in ("", "application/json")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await read_body(scope, receive, self.max_body_bytes)
+        try:
+            # An empty body is an empty object, as BentoML reads it ("customer: Field required").
+            request: Any = self.request_model.model_validate_json(body or b"{}")
+        except pydantic.ValidationError as exc:
+            raise validation_error(exc) from None
+        telemetry.record_since_request_start("validate")
+        with telemetry.stage("featurize"):
+            row = row_values(request.customer)
+        try:
+            p = await self.engine.predict_one(row)
+            explanation = await self.engine.explain(row) if request.explain else None
+        except Overloaded as exc:
+            raise overloaded(exc) from None
+        await send_json(send, 200, orjson.dumps(self.engine.prediction(p, explanation)))
