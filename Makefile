@@ -58,12 +58,13 @@ format: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-checkov .pytest_cache .ruff_cache build
 
-## Benchmarks (figures, not tests): HTTP (bare vs seeds' pattern vs ours) and in-process.
+## Benchmarks (figures, not tests): in-process, HTTP (bare vs seeds' pattern vs ours), the request path's profile.
 bench: $(VENV)/.installed
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk; }
 	$(PY) -m training --if-missing
 	$(PY) -m benchmarks.inprocess
 	$(PY) -m benchmarks.http
+	$(PY) -m benchmarks.profile
 
 ## Locust profiles against a running service (make serve first); HOST=http://... to target another.
 HOST ?= http://localhost:3000

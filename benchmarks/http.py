@@ -1,12 +1,22 @@
-"""HTTP benchmark: the bare framework, the seeds' pattern and our service, loaded the same way.
+"""HTTP benchmark: the request path of this service against the bare framework, side by side.
 
     python -m benchmarks.http            # or: make bench
-    python -m benchmarks.http --duration 5 --connections 1,50
+    python -m benchmarks.http --duration 5 --connections 1,50 --servers bare,ours
 
-For each service it starts `bentoml serve` pinned to CPU 0 (one core, like a 1000m pod), warms
-it up, then runs wrk pinned to CPU 1 at each connection count with the same rotating set of
-real customers from the dataset. It prints req/s, p50/p95/p99 and errors per cell, the ratios
-ours/bare and ours/seed, checks the targets, and writes a Markdown table, JSON and a PNG plot.
+Each server is a `bentoml serve` pinned to CPU 0 (one core, like a 1000m pod), warmed up, then
+loaded by wrk pinned to CPU 1 with the same rotating set of real customers from the dataset:
+
+- bare: an `async def` @bentoml.api with the same pydantic request schema, returning a
+  constant (the framework's ceiling with its default configuration);
+- seed: the seeds' pattern (sync scikit-learn predict_proba on a 4-thread pool);
+- ours-bentoml: this service with POST /predict answered by BentoML's API machinery
+  (BANKCHURN_PREDICT_ROUTE=bentoml: the request path before the hot routes);
+- ours: this service as shipped.
+
+Single-row cases (`predict`, and `v2` on our server: the Open Inference Protocol's infer
+with one row) run at every connection count; the batch cases send 1,000-row requests
+(`predict_batch` and V2 columnar `v2_batch`, the same rows) at --batch-connections. It
+prints every cell, the ratios and the targets, and writes reports/bench/http.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -17,31 +27,49 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 from benchmarks.inprocess import cpu_model
-from models.schema import FEATURE_NAMES, json_customer
+from models.schema import BY_NAME, FEATURE_NAMES, json_customer
 from tests.helpers import ROOT, ServeProcess
 from training.data import load_data
 
-SERVICES = {
-    "bare": ("benchmarks.bare_service:Bare", "bare BentoML async endpoint, same schema, no model"),
-    "seed": ("benchmarks.seed_service:SeedPattern", "seeds' pattern: sync sklearn predict, 4 threads"),
-    "ours": ("service:BankChurn", "BankChurn /predict"),
+SERVERS = {
+    "bare": ("benchmarks.bare_service:Bare", {}, "bare BentoML async endpoint, same schema, no model"),
+    "seed": ("benchmarks.seed_service:SeedPattern", {}, "seeds' pattern: sync sklearn predict, 4 threads"),
+    "ours-bentoml": ("service:BankChurn", {"BANKCHURN_PREDICT_ROUTE": "bentoml"}, "BankChurn, /predict via BentoML"),
+    "ours": ("service:BankChurn", {}, "BankChurn as shipped (/predict as a hot route)"),
 }
-TARGETS = {"throughput_ratio_at_50": 0.70, "p99_ratio_at_50": 2.0}
+# case -> (path, rows per request); which cases each server runs
+CASES = {
+    "predict": ("/predict", 1),
+    "v2": ("/v2/models/bank_churn/infer", 1),
+    "predict_batch": ("/predict_batch", 1000),
+    "v2_batch": ("/v2/models/bank_churn/infer", 1000),
+}
+SERVER_CASES = {
+    "bare": ("predict",),
+    "seed": ("predict",),
+    "ours-bentoml": ("predict",),
+    "ours": ("predict", "v2", "predict_batch", "v2_batch"),
+}
+TARGETS = {
+    "predict_over_bare_at_50": 1.8,
+    "v2_over_predict_at_50": 1.0,
+    "v2_batch_over_predict_batch_rows": 1.5,
+}
 
 LUA = r"""
 local bodies = {%(bodies)s}
 local i = 0
 request = function()
   i = i %% #bodies + 1
-  return wrk.format("POST", "/predict", {["Content-Type"] = "application/json"}, bodies[i])
+  return wrk.format("POST", "%(path)s", {["Content-Type"] = "application/json"}, bodies[i])
 end
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -50,6 +78,8 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(95), latency:percentile(99)))
 end
 """
+
+V2_DATATYPES = {"int": "INT64", "flag": "INT64", "float": "FP64", "category": "BYTES"}
 
 
 def machine() -> str:
@@ -69,11 +99,44 @@ def commit() -> str:
         return "unknown"
 
 
-def write_script(n: int) -> Path:
-    rows = load_data()[list(FEATURE_NAMES)].sample(n, random_state=1).to_dict(orient="records")
-    bodies = ",\n".join(json.dumps(json.dumps({"customer": json_customer(r)})) for r in rows)
-    path = Path(tempfile.mkdtemp(prefix="bench-")) / "predict.lua"
-    path.write_text(LUA % {"bodies": bodies})
+def customers(n: int, seed: int = 1) -> list[dict]:
+    rows = load_data()[list(FEATURE_NAMES)].sample(n, random_state=seed, replace=n > 10_000)
+    return [json_customer(r) for r in rows.to_dict(orient="records")]
+
+
+def v2_request(rows: list[dict]) -> dict:
+    """An Open Inference Protocol infer request: one [N] input per feature."""
+    return {
+        "inputs": [
+            {
+                "name": name,
+                "shape": [len(rows)],
+                "datatype": V2_DATATYPES[BY_NAME[name].kind],
+                "data": [r[name] for r in rows],
+            }
+            for name in FEATURE_NAMES
+        ]
+    }
+
+
+def bodies_for(case: str, payloads: int) -> list[str]:
+    """Request bodies for a case; the batch cases carry the same 1,000-row blocks."""
+    rows = CASES[case][1]
+    if rows == 1:
+        singles = customers(payloads)
+        if case == "v2":
+            return [json.dumps(v2_request([r])) for r in singles]
+        return [json.dumps({"customer": r}) for r in singles]
+    blocks = [customers(rows, seed=s) for s in range(4)]
+    if case == "v2_batch":
+        return [json.dumps(v2_request(b)) for b in blocks]
+    return [json.dumps({"customers": b}) for b in blocks]
+
+
+def write_script(case: str, payloads: int = 200) -> Path:
+    bodies = ",\n".join(json.dumps(b) for b in bodies_for(case, payloads))
+    path = Path(tempfile.mkdtemp(prefix="bench-")) / f"{case}.lua"
+    path.write_text(LUA % {"bodies": bodies, "path": CASES[case][0]})
     return path
 
 
@@ -106,88 +169,115 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
     return {"total_mb": sum(per.values()), "largest_process_mb": max(per.values()), "processes": len(per)}
 
 
-def bench_service(name: str, script: Path, levels: list[int], duration: float, pin: bool) -> dict:
-    target, description = SERVICES[name]
-    server = ServeProcess(target=target, prefix=("taskset", "-c", "0") if pin else ())
+def bench_server(name: str, scripts: dict[str, Path], levels: list[int], batch_levels: list[int], a) -> dict:
+    target, env, description = SERVERS[name]
+    cpu = "1" if a.pin else None
+    server = ServeProcess(target=target, env=env, prefix=("taskset", "-c", "0") if a.pin else ())
     server.start()
     try:
         ready_s = server.wait_ready(120)
-        run_wrk(server.url, script, 10, 3, "1" if pin else None)  # warm-up, not recorded
+        cases = {}
+        for case in SERVER_CASES[name]:
+            if case not in scripts:
+                continue
+            rows = CASES[case][1]
+            run_wrk(server.url, scripts[case], 10, 3, cpu)  # warm-up, not recorded
+            cells = []
+            for c in levels if rows == 1 else batch_levels:
+                cell = run_wrk(server.url, scripts[case], c, a.duration, cpu)
+                cell["rows_per_s"] = cell["rps"] * rows
+                cells.append(cell)
+                print(
+                    f"  {name:<12} {case:<13} c={c:<4} {cell['rps']:8.1f} req/s {cell['rows_per_s']:9.0f} rows/s  "
+                    f"p50 {cell['p50_ms']:7.1f} ms  p99 {cell['p99_ms']:7.1f} ms  errors {cell['errors']}",
+                    flush=True,
+                )
+            cases[case] = cells
         rss = tree_rss_mb(server.proc.pid)
-        cells = []
-        for c in levels:
-            cell = run_wrk(server.url, script, c, duration, "1" if pin else None)
-            cells.append(cell)
-            print(
-                f"  {name:<5} c={c:<4} {cell['rps']:8.1f} req/s  p50 {cell['p50_ms']:7.1f} ms  "
-                f"p95 {cell['p95_ms']:7.1f} ms  p99 {cell['p99_ms']:7.1f} ms  errors {cell['errors']}",
-                flush=True,
-            )
-        backend = None
-        if name == "ours":
-            backend = httpx.post(f"{server.url}/model_card", json={}, timeout=10).json()["serving_backend"]
-        return {"description": description, "ready_seconds": ready_s, "rss": rss, "cells": cells, "backend": backend}
+        return {"description": description, "ready_seconds": ready_s, "rss": rss, "cases": cases}
     finally:
         server.stop()
 
 
-def ratios(results: dict) -> list[dict]:
+def cell_at(results: dict, server: str, case: str, connections: int) -> dict | None:
+    cells = results.get(server, {}).get("cases", {}).get(case, [])
+    return next((c for c in cells if c["connections"] == connections), None)
+
+
+def ratio_rows(results: dict, levels: list[int], batch_levels: list[int]) -> list[tuple[str, int, float]]:
+    """(what, connections, ratio) for every comparison the run has both sides of."""
+    pairs = [
+        ("ours /predict ÷ bare", ("ours", "predict"), ("bare", "predict"), "rps"),
+        ("ours /predict ÷ ours via BentoML", ("ours", "predict"), ("ours-bentoml", "predict"), "rps"),
+        ("ours /predict ÷ seed", ("ours", "predict"), ("seed", "predict"), "rps"),
+        ("V2 infer (1 row) ÷ /predict", ("ours", "v2"), ("ours", "predict"), "rps"),
+        (
+            "V2 infer (1,000 rows) ÷ /predict_batch, rows/s",
+            ("ours", "v2_batch"),
+            ("ours", "predict_batch"),
+            "rows_per_s",
+        ),
+    ]
     out = []
-    for i, cell in enumerate(results["ours"]["cells"]):
-        bare, seed = results["bare"]["cells"][i], results["seed"]["cells"][i]
-        out.append(
-            {
-                "connections": cell["connections"],
-                "ours_over_bare_rps": cell["rps"] / bare["rps"],
-                "ours_over_seed_rps": cell["rps"] / seed["rps"],
-                "ours_over_bare_p99": cell["p99_ms"] / bare["p99_ms"],
-            }
-        )
+    for what, (s1, c1), (s2, c2), key in pairs:
+        for c in batch_levels if CASES[c1][1] > 1 else levels:
+            a, b = cell_at(results, s1, c1, c), cell_at(results, s2, c2, c)
+            if a and b and b[key]:
+                out.append((what, c, a[key] / b[key]))
     return out
 
 
-def markdown(results: dict, rat: list[dict], meta: dict) -> str:
+def check_targets(results: dict, ratios: list[tuple[str, int, float]], batch_levels: list[int]) -> list[str]:
+    def ratio(what: str, c: int) -> float | None:
+        return next((r for w, conns, r in ratios if w == what and conns == c), None)
+
+    checks = [
+        ("ours /predict ÷ bare", 50, TARGETS["predict_over_bare_at_50"], "/predict req/s at 50 connections vs bare"),
+        ("V2 infer (1 row) ÷ /predict", 50, TARGETS["v2_over_predict_at_50"], "V2 single-row req/s vs /predict at 50"),
+        *(
+            (
+                "V2 infer (1,000 rows) ÷ /predict_batch, rows/s",
+                c,
+                TARGETS["v2_batch_over_predict_batch_rows"],
+                f"V2 1,000-row rows/s vs /predict_batch at {c} connections",
+            )
+            for c in batch_levels
+        ),
+    ]
+    verdicts = []
+    for what, c, target, label in checks:
+        r = ratio(what, c)
+        if r is not None:
+            verdicts.append(f"{'PASS' if r >= target else 'FAIL'} {label}: {r:.2f}x (target >= {target}x)")
+    if "ours" in results:
+        errors = sum(cell["errors"] for cells in results["ours"]["cases"].values() for cell in cells)
+        verdicts.append(f"{'PASS' if errors == 0 else 'FAIL'} errors in every cell of ours: {errors}")
+    return verdicts
+
+
+def markdown(results: dict, ratios: list[tuple[str, int, float]], verdicts: list[str], meta: dict) -> str:
     lines = [
         f"Machine: {meta['machine']}; commit {meta['commit']}; {meta['date']}; "
         f"server pinned to 1 core: {meta['pinned']}; wrk 1 thread, {meta['duration']} s per cell.",
         f"Command: `{meta['command']}`",
         "",
-        "| service | conns | req/s | p50 ms | p95 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server | case | rows/request | conns | req/s | rows/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, res in results.items():
-        for c in res["cells"]:
-            lines.append(
-                f"| {name} | {c['connections']} | {c['rps']:.0f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | "
-                f"{c['p99_ms']:.1f} | {c['errors']} |"
-            )
-    lines += ["", "| conns | ours/bare req/s | ours/seed req/s | ours/bare p99 |", "|---:|---:|---:|---:|"]
-    for r in rat:
-        lines.append(
-            f"| {r['connections']} | {r['ours_over_bare_rps']:.2f} | {r['ours_over_seed_rps']:.1f}x | "
-            f"{r['ours_over_bare_p99']:.2f} |"
-        )
-    lines += ["", "| serving process (after warm-up) | RSS of the process tree | largest process |", "|---|---:|---:|"]
+        for case, cells in res["cases"].items():
+            for c in cells:
+                lines.append(
+                    f"| {name} | {case} | {CASES[case][1]} | {c['connections']} | {c['rps']:.0f} | "
+                    f"{c['rows_per_s']:.0f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c['errors']} |"
+                )
+    lines += ["", "| ratio | conns | value |", "|---|---:|---:|"]
+    lines += [f"| {what} | {c} | {r:.2f}x |" for what, c, r in ratios]
+    lines += ["", "| serving process (after the run) | RSS of the process tree | largest process |", "|---|---:|---:|"]
     for name, res in results.items():
         lines.append(f"| {name} | {res['rss']['total_mb']:.0f} MB | {res['rss']['largest_process_mb']:.0f} MB |")
+    lines += ["", *(f"- {v}" for v in verdicts)]
     return "\n".join(lines)
-
-
-def check_targets(results: dict, rat: list[dict]) -> list[str]:
-    verdicts = []
-    at50 = next((r for r in rat if r["connections"] == 50), None)
-    if at50:
-        ok = at50["ours_over_bare_rps"] >= TARGETS["throughput_ratio_at_50"]
-        verdicts.append(
-            f"{'PASS' if ok else 'FAIL'} throughput at 50 conns: ours/bare = {at50['ours_over_bare_rps']:.2f} (>= 0.70)"
-        )
-        ok = at50["ours_over_bare_p99"] <= TARGETS["p99_ratio_at_50"]
-        verdicts.append(
-            f"{'PASS' if ok else 'FAIL'} p99 at 50 conns: ours/bare = {at50['ours_over_bare_p99']:.2f} (<= 2.0)"
-        )
-    errors = sum(c["errors"] for c in results["ours"]["cells"])
-    verdicts.append(f"{'PASS' if errors == 0 else 'FAIL'} errors at every level: {errors}")
-    return verdicts
 
 
 def plot(results: dict, out: Path) -> None:
@@ -198,13 +288,17 @@ def plot(results: dict, out: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for name, res in results.items():
-        conns = [c["connections"] for c in res["cells"]]
-        a.plot(conns, [c["rps"] for c in res["cells"]], "o-", label=name)
-        b.plot(conns, [c["p99_ms"] for c in res["cells"]], "o-", label=name)
-    a.set(xlabel="concurrent connections", ylabel="req/s", title="Throughput", xscale="log")
+        for case, cells in res["cases"].items():
+            if CASES[case][1] != 1:
+                continue
+            conns = [c["connections"] for c in cells]
+            label = f"{name} {case}"
+            a.plot(conns, [c["rps"] for c in cells], "o-", label=label)
+            b.plot(conns, [c["p99_ms"] for c in cells], "o-", label=label)
+    a.set(xlabel="concurrent connections", ylabel="req/s", title="Single-row throughput", xscale="log")
     b.set(xlabel="concurrent connections", ylabel="p99 latency (ms)", title="p99 latency", xscale="log", yscale="log")
-    a.legend()
-    b.legend()
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "http.png", dpi=80)
     plt.close(fig)
@@ -213,41 +307,42 @@ def plot(results: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10)
-    p.add_argument("--connections", default="1,10,50,100")
-    p.add_argument("--services", default="bare,seed,ours")
+    p.add_argument("--connections", default="1,10,50,100", help="single-row cases")
+    p.add_argument("--batch-connections", default="4", help="1,000-row cases")
+    p.add_argument("--servers", default="bare,seed,ours-bentoml,ours")
+    p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--payloads", type=int, default=200, help="distinct customers rotated through")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin server/wrk to CPU 0/1")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     a = p.parse_args(argv)
     if shutil.which("wrk") is None:
         p.error("wrk is not installed: apt-get install wrk")
-    pin = a.pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    a.pin = a.pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
     levels = [int(x) for x in a.connections.split(",")]
-    script = write_script(a.payloads)
+    batch_levels = [int(x) for x in a.batch_connections.split(",")]
+    scripts = {case: write_script(case, a.payloads) for case in a.cases.split(",")}
     meta = {
         "machine": machine(),
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "pinned": pin,
+        "pinned": a.pin,
         "duration": a.duration,
-        "command": "python -m benchmarks.http " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "command": "python -m benchmarks.http " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(meta["machine"], "| commit", meta["commit"])
     results = {}
-    for name in a.services.split(","):
-        print(f"{name}: {SERVICES[name][1]}")
-        results[name] = bench_service(name, script, levels, a.duration, pin)
+    for name in a.servers.split(","):
+        print(f"{name}: {SERVERS[name][2]}")
+        results[name] = bench_server(name, scripts, levels, batch_levels, a)
+    ratios = ratio_rows(results, levels, batch_levels)
+    verdicts = check_targets(results, ratios, batch_levels)
+    table = markdown(results, ratios, verdicts, meta)
     a.out.mkdir(parents=True, exist_ok=True)
-    rat = ratios(results) if {"bare", "seed", "ours"} <= set(results) else []
-    table = markdown(results, rat, meta)
-    verdicts = check_targets(results, rat) if rat else []
-    (a.out / "http.md").write_text(table + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
-    (a.out / "http.json").write_text(json.dumps({"meta": meta, "results": results, "ratios": rat}, indent=2))
+    (a.out / "http.md").write_text(table + "\n")
+    (a.out / "http.json").write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
     plot(results, a.out)
     print()
     print(table)
-    print()
-    print("\n".join(verdicts))
     print(f"\nwrote {a.out / 'http.md'}, http.json, http.png")
     return 0 if all(v.startswith("PASS") for v in verdicts) else 1
 

@@ -100,7 +100,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 class AccessLog:
-    """Access log for the hot routes: 'errors' (status >= 400, the default), 'all', 'off', or a
+    """The access log of every route: 'errors' (status >= 400, the default), 'all', 'off', or a
     sampling rate such as '0.01' (every error, plus that share of the rest)."""
 
     def __init__(self, policy: str):
@@ -213,17 +213,39 @@ class RouteTable:
         self.access_log(scope, status, seconds)
 
 
+# Probes and scrapes are not logged, whatever the policy (as BentoML's access log skips them).
+UNLOGGED_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+
+
 async def dispatch(app: ASGIApp, table: RouteTable, scope: Scope, receive: Receive, send: Send) -> None:
-    """A hot route if one matches; /docs.json with the hot routes added; else BentoML's app."""
-    if scope["type"] == "http":
-        hit = table.match(scope)
-        if hit is not None:
-            await table.serve(hit[0], hit[1], scope, receive, send)
-            return
+    """A hot route if one matches; /docs.json with the hot routes added; else BentoML's app.
+    Every request but probes goes through the one access log (BentoML's own is off)."""
+    if scope["type"] != "http":
+        await app(scope, receive, send)
+        return
+    hit = table.match(scope)
+    if hit is not None:
+        await table.serve(hit[0], hit[1], scope, receive, send)
+        return
+    if scope["path"] in UNLOGGED_PATHS:
+        await app(scope, receive, send)
+        return
+    start = time.perf_counter()
+    status = 500
+
+    async def tracked_send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    try:
         if scope["path"] == "/docs.json" and scope["method"] == "GET":
-            await _with_openapi(app, table, scope, receive, send)
-            return
-    await app(scope, receive, send)
+            await _with_openapi(app, table, scope, receive, tracked_send)
+        else:
+            await app(scope, receive, tracked_send)
+    finally:
+        table.access_log(scope, status, time.perf_counter() - start)
 
 
 class _Front:

@@ -26,9 +26,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="CSV uploads above this get 413")
     max_csv_rows: int = Field(200_000, ge=1, description="row limit of a CSV scoring job")
+    predict_route: Literal["hot", "bentoml"] = Field(
+        "hot",
+        description="who answers POST /predict over HTTP: the hot route in front of BentoML's middleware, "
+        "or BentoML's own API machinery (the same model and answers, ~4x the per-request cost)",
+    )
     access_log: str = Field(
         "errors",
         pattern=r"^(errors|all|off|0(\.\d+)?|1(\.0+)?)$",
-        description="hot routes' access log: errors (status >= 400), all, off, or a sampling rate such as 0.01",
+        description="access log of every route: errors (status >= 400), all, off, or a sampling rate such as 0.01",
     )
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="where tracing spans go")

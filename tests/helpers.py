@@ -61,8 +61,16 @@ class ServeProcess:
         self.proc: subprocess.Popen | None = None
         home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
         self.log_path = home / f"serve-{self.port}.log"
-        # Each server recreates its task database at start-up: give each its own.
-        self.env.setdefault("BENTOML_RESULT_STORE", str(home / f"tasks-{self.port}.db"))
+        if "BENTOML_HOME" not in (env or {}):
+            # Each server gets a home of its own sharing the model store: `bentoml serve` wipes
+            # $BENTOML_HOME/prometheus_multiproc_dir (and its task database) when it starts,
+            # which would reset the metrics of every other server on the same home (as two
+            # pods never share one).
+            own = home / "servers" / str(self.port)
+            own.mkdir(parents=True, exist_ok=True)
+            if not (own / "models").exists():
+                (own / "models").symlink_to(home / "models", target_is_directory=True)
+            self.env["BENTOML_HOME"] = str(own)
 
     def start(self) -> ServeProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()

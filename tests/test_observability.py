@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from models.schema import EXAMPLE_CUSTOMER
@@ -18,7 +20,15 @@ def test_custom_metrics_move(server, trained):
         httpx.post(f"{server.url}/predict", json={"customer": EXAMPLE_CUSTOMER}, timeout=30)
     httpx.post(f"{server.url}/predict_batch", json={"customers": [EXAMPLE_CUSTOMER] * 7}, timeout=30)
     httpx.post(f"{server.url}/explain", json={"customer": EXAMPLE_CUSTOMER}, timeout=30)
-    after = scrape(server.url)
+    # A hot route counts a request just after sending its response: wait for the last one.
+    deadline = time.monotonic() + 5
+    while True:
+        after = scrape(server.url)
+        done = metric(after, "bank_churn_http_request_duration_seconds_count", default=0.0, route="/predict")
+        if done - metric(before, "bank_churn_http_request_duration_seconds_count", default=0.0, route="/predict") >= 5:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
     def delta(name, **labels):
         return metric(after, name, **labels) - metric(before, name, default=0.0, **labels)

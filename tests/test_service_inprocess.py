@@ -77,3 +77,29 @@ def test_tracing_is_off_by_default_and_spans_each_stage_when_on(client):
     assert predict.end_time > predict.start_time
     # the pool thread's span belongs to the request's trace
     assert predict.context.trace_id == featurize.context.trace_id
+
+
+def test_hot_route_spans_continue_the_callers_trace(client):
+    """POST /predict is answered in front of BentoML's middleware (serving.routes): its server
+    span continues the caller's W3C trace and every stage span nests under it."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from serving import telemetry
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    exporter = InMemorySpanExporter()
+    telemetry.configure_tracing(exporter)
+    try:
+        headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+        r = client.post("/predict", json={"customer": EXAMPLE_CUSTOMER}, headers=headers)
+        assert r.status_code == 200
+    finally:
+        telemetry.configure_tracing("none")
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    server = spans["POST /predict"]
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert server.attributes["http.response.status_code"] == 200
+    for stage in ("featurize", "predict"):
+        span = spans[f"bank_churn.{stage}"]
+        assert span.context.trace_id == server.context.trace_id
+    assert spans["bank_churn.featurize"].parent.span_id == server.context.span_id
