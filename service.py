@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import gc
 import logging
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import bentoml
-from bentoml.validators import ContentType
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
@@ -24,9 +22,10 @@ from models.schema import BatchValidationError, Customer, row_values, schema_dic
 from models.store import check_model, get_stored
 from serving import telemetry
 from serving.concurrency import Overloaded
-from serving.csv_scoring import score_csv_bytes
 from serving.engine import Engine
 from serving.http import BodyLimitMiddleware, ValidationMessageMiddleware, describe_validation_errors, error_response
+from serving.jobs.manager import JobManager
+from serving.jobs.routes import JobRoutes
 from serving.online import PredictRoute, overloaded
 from serving.routes import HotRoutes, RouteTable
 from serving.settings import Settings
@@ -123,6 +122,10 @@ class BankChurn:
         HOT_ROUTES.configure(settings.request_timeout_s, settings.access_log)
         if settings.predict_route == "hot":
             HOT_ROUTES.route("POST", "/predict", PredictRoute(self.engine, PredictInput, settings.max_body_bytes))
+        # Scoring jobs: in Redis when BANKCHURN_REDIS_URL is set (any replica answers for any
+        # job), else in this process; run by BANKCHURN_JOB_WORKERS workers here.
+        self.jobs = JobManager(self.engine, settings)
+        HOT_ROUTES.mount("/jobs", JobRoutes(self.jobs, settings.max_upload_bytes))
         # load_predictor() proved the model with a real prediction, so readiness can turn true
         # as soon as the pools exist.
         # Move everything loaded so far (frameworks, model) out of the cyclic GC's reach:
@@ -138,12 +141,17 @@ class BankChurn:
         return self.ready
 
     async def __metrics__(self, content: str) -> str:
-        # BentoML's /metrics hook: append the live pool/queue gauges of this process.
-        return content + telemetry.live_metrics()
+        # BentoML's /metrics hook: append the live pool/queue gauges of this process and the jobs'.
+        return content + telemetry.live_metrics() + await self.jobs.metrics_text()
+
+    @bentoml.on_startup
+    async def _start_jobs(self) -> None:
+        await self.jobs.start()  # the job workers run on this worker's event loop
 
     @bentoml.on_shutdown
-    def _shutdown(self) -> None:
+    async def _shutdown(self) -> None:
         self.ready = False
+        await self.jobs.stop()  # a running job goes back to the queue, resumed by another worker
         self.engine.shutdown()
 
     # ------------------------------------------------------------------ APIs
@@ -199,18 +207,13 @@ class BankChurn:
             "data": meta.get("data"),
             "library_versions": meta.get("library_versions"),
             "schema": schema_dict(),
-            "limits": {"max_batch_rows": settings.max_batch_rows, "max_csv_rows": settings.max_csv_rows},
+            "limits": {
+                "max_batch_rows": settings.max_batch_rows,
+                "max_csv_rows": settings.max_csv_rows,
+                "max_upload_bytes": settings.max_upload_bytes,
+            },
+            "jobs": {"store": self.jobs.backend, "workers_here": settings.job_workers},
         }
-
-    @bentoml.task
-    async def score_csv(self, file: Annotated[Path, ContentType("text/csv")]) -> dict:
-        """Scoring job for a CSV of customers (dataset columns; extra columns ignored).
-
-        Submit with POST /score_csv/submit, poll GET /score_csv/status?task_id=..., fetch
-        GET /score_csv/get?task_id=.... Bad rows are reported one by one; good rows are scored.
-        """
-        data = Path(file).read_bytes()
-        return await self.engine.pool.run(score_csv_bytes, self.predictor, data, settings.max_csv_rows)
 
 
 def _shed(exc: Overloaded) -> Response:
@@ -220,6 +223,4 @@ def _shed(exc: Overloaded) -> Response:
 
 BankChurn.add_asgi_middleware(HotRoutes, table=HOT_ROUTES)
 BankChurn.add_asgi_middleware(ValidationMessageMiddleware)
-BankChurn.add_asgi_middleware(
-    BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
-)
+BankChurn.add_asgi_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

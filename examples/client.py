@@ -1,16 +1,14 @@
-"""Calls every API of a running BankChurn service with BentoML's Python clients.
+"""Calls every BentoML API of a running BankChurn service with BentoML's Python clients.
 
 python examples/client.py --url http://localhost:3000
+
+(Scoring jobs are plain HTTP routes, not BentoML APIs: see examples/jobs.py.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import tempfile
-import time
-from pathlib import Path
 
 import bentoml
 
@@ -54,25 +52,6 @@ async def async_examples(url: str) -> None:
     async with bentoml.AsyncHTTPClient(url, server_ready_timeout=60, timeout=30) as client:
         results = await asyncio.gather(*(client.predict(customer={**CUSTOMER, "Age": age}) for age in (25, 45, 65)))
         print("async predict:", [round(r["churn_probability"], 4) for r in results])
-
-        # A scoring job: submit a CSV, poll its status, fetch the result. (Shown with the async
-        # client: in bentoml 1.4.39 SyncHTTPClient's task submit raises AttributeError.)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "customers.csv"
-            with open(path, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=["CustomerId", *CUSTOMER])
-                writer.writeheader()
-                writer.writerow({"CustomerId": 1, **CUSTOMER})
-                writer.writerow({"CustomerId": 2, **CUSTOMER, "Geography": "Atlantis"})  # reported, not fatal
-            task = await client.score_csv.submit(file=path)
-            deadline = time.monotonic() + 60
-            while (status := (await task.get_status()).value) == "in_progress":
-                if time.monotonic() > deadline:
-                    raise TimeoutError("scoring job did not finish in 60 s")
-                await asyncio.sleep(0.2)
-            result = await task.get()
-            print(f"score_csv job {task.id} {status}: scored {result['scored']}, failed {result['failed']}")
-            print(f"  row {result['errors'][0]['row']}: {result['errors'][0]['error']}")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _lower_priority() -> None:
+def _lower_priority(nice: int) -> None:
     """Make this pool thread yield the CPU to the event-loop thread (Linux: per-thread nice).
 
     On a 1-CPU pod the loop and the pool threads share one core; when both are runnable the
-    loop's short jobs (health checks, accepting requests) should win over inference."""
+    loop's short jobs (health checks, accepting requests) should win over inference, and
+    online inference over background jobs."""
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: keep the default
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 class Overloaded(Exception):
@@ -36,11 +37,13 @@ class Overloaded(Exception):
 class InferencePool:
     """A fixed-size thread pool with a bounded number of queued jobs and live counters."""
 
-    def __init__(self, threads: int, max_queue: int, name: str = "inference"):
+    def __init__(self, threads: int, max_queue: int, name: str = "inference", nice: int = 10):
         self.name = name
         self.threads = threads
         self.max_queue = max_queue
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name, initializer=_lower_priority)
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix=name, initializer=_lower_priority, initargs=(nice,)
+        )
         self._lock = threading.Lock()
         self.busy = 0  # jobs running on a thread
         self.queued = 0  # jobs submitted, not yet running

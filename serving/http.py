@@ -58,8 +58,7 @@ def _header_problem(headers: Headers) -> tuple[int, str] | None:
     media = _media_type(headers)
     if media not in ("", "application/json", "multipart/form-data"):
         return 415, (
-            f"Content-Type {media[:50]!r} is not supported; send application/json "
-            "(multipart/form-data for a CSV file upload)"
+            f"Content-Type {media[:50]!r} is not supported; send application/json (CSV files go to POST /jobs)"
         )
     return None
 
@@ -67,8 +66,8 @@ def _header_problem(headers: Headers) -> tuple[int, str] | None:
 async def _multipart_problem(headers: Headers, body: bytes) -> str | None:
     """Parse a multipart body with the parser BentoML uses. BentoML answers 500 to a
     malformed one, and treats a plain-text part sent for a file field as a URL to download
-    (a server-side fetch); this service's only multipart API takes one file, so only file
-    parts are accepted."""
+    (a server-side fetch); no API here takes a text field in a multipart body, so only file
+    parts are accepted (CSV uploads go to POST /jobs, which is not behind this middleware)."""
 
     async def stream():
         yield body
@@ -94,11 +93,9 @@ class BodyLimitMiddleware:
     header alone is not trusted: with Transfer-Encoding: chunked the HTTP parser ignores it),
     and replayed to the app."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int | None = None):
+    def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
-        # File uploads (task submissions, paths ending in /submit) may be larger than JSON bodies.
-        self.max_upload_bytes = max_upload_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,7 +107,7 @@ class BodyLimitMiddleware:
         if problem is not None:
             await error_response(*problem)(scope, receive, send)
             return
-        limit = self.max_upload_bytes if scope["path"].endswith("/submit") else self.max_bytes
+        limit = self.max_bytes
         length = headers.get("content-length")
         if length is not None and "transfer-encoding" not in headers:
             try:

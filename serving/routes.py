@@ -39,9 +39,9 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 class HttpError(Exception):
     """An error answer a hot handler raises: status, message, extra JSON fields, headers."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any):
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(message)
-        self.status = status
+        self.status = status_code
         self.message = message
         self.headers = headers or {}
         self.extra = extra
@@ -182,6 +182,7 @@ class RouteTable:
         telemetry.REQUEST_START.set(start)
         status = 500
         started = False
+        timeout_s = getattr(app, "timeout_s", self.timeout_s)  # e.g. uploads take longer
 
         async def tracked_send(message: Message) -> None:
             nonlocal status, started
@@ -192,7 +193,7 @@ class RouteTable:
 
         with telemetry.request_span(scope, label) as span:
             try:
-                async with asyncio.timeout(self.timeout_s):
+                async with asyncio.timeout(timeout_s):
                     await app(scope, receive, tracked_send)
             except HttpError as err:
                 if not started:
@@ -200,7 +201,7 @@ class RouteTable:
             except TimeoutError:
                 if not started:
                     await send_error(
-                        tracked_send, HttpError(504, f"Not able to process the request in {self.timeout_s:g} seconds")
+                        tracked_send, HttpError(504, f"Not able to process the request in {timeout_s:g} seconds")
                     )
             except Exception:
                 logger.exception("%s %s failed", scope["method"], scope["path"])

@@ -37,3 +37,20 @@ class Settings(BaseSettings):
         description="access log of every route: errors (status >= 400), all, off, or a sampling rate such as 0.01",
     )
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="where tracing spans go")
+
+    # Scoring jobs (serving.jobs). Without a Redis URL the jobs live in this process only.
+    redis_url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="jobs queue and result store shared by every replica (redis://host:port/db); "
+        "unset = an embedded store in this process (single replica only)",
+    )
+    job_workers: int = Field(1, ge=0, le=64, description="jobs this process runs at once (0: accept and answer only)")
+    job_ttl_s: int = Field(24 * 3600, ge=60, description="how long a finished job's status and result are kept")
+    job_chunk_rows: int = Field(5_000, ge=10, le=100_000, description="rows scored per checkpoint of a job")
+    job_heartbeat_s: int = Field(
+        10, ge=2, le=300, description="a running job unseen for this long is taken over by another worker"
+    )
+    job_attempts: int = Field(5, ge=1, le=100, description="tries of a job whose workers die before it fails")
+    job_timeout_s: int = Field(3600, ge=10, description="longest a single try of a job may run")
+    job_queue: str = Field("bank_churn", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="queue name in Redis")

@@ -45,6 +45,23 @@ HTTP_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
+# Scoring jobs (serving.jobs). Counted by the process that did the work; fleet-wide queue
+# depth is rendered at scrape time (jobs_queue_* gauges: the same value from every pod).
+JOBS = Counter(f"{PREFIX}_jobs_total", "Scoring jobs by event: submitted, completed, failed, cancelled", ["event"])
+JOB_ROWS = Counter(f"{PREFIX}_job_rows_total", "Rows of scoring jobs processed, by outcome", ["outcome"])
+JOB_DURATION = Histogram(
+    f"{PREFIX}_job_duration_seconds",
+    "Scoring jobs, from submission to completion",
+    buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 14400),
+)
+JOB_RESUMES = Counter(
+    f"{PREFIX}_job_resumes_total", "Jobs taken over after their worker died or stopped, resumed from a checkpoint"
+)
+JOB_STORE_ERRORS = Counter(
+    f"{PREFIX}_job_store_errors_total", "Failed calls to the job store / queue (Redis unreachable)", ["op"]
+)
+_job_store = {"up": 1}
+
 _model_info: dict[str, str] = {}
 _watched: list[Any] = []
 
@@ -181,6 +198,39 @@ def record_predictions(proba: np.ndarray, threshold: float) -> None:
         _child(PREDICTIONS, "true").inc(churn)
     if len(proba) - churn:
         _child(PREDICTIONS, "false").inc(len(proba) - churn)
+
+
+def job_store_error(op: str) -> bool:
+    """Count a failed call; True if the store was up until now (log an outage once)."""
+    _child(JOB_STORE_ERRORS, op).inc()
+    was_up, _job_store["up"] = _job_store["up"], 0
+    return bool(was_up)
+
+
+def job_store_ok() -> None:
+    _job_store["up"] = 1
+
+
+def job_metrics(backend: str, queued: int | None, active: int | None, running_here: int) -> str:
+    """Prometheus text for the jobs' live state (queue depths are None when Redis is down)."""
+    lines = [
+        f"# HELP {PREFIX}_job_store_up Whether the last call to the job store ({backend}) succeeded",
+        f"# TYPE {PREFIX}_job_store_up gauge",
+        f'{PREFIX}_job_store_up{{backend="{backend}"}} {_job_store["up"]}',
+        f"# HELP {PREFIX}_jobs_running_here Jobs this process is running now",
+        f"# TYPE {PREFIX}_jobs_running_here gauge",
+        f"{PREFIX}_jobs_running_here {running_here}",
+    ]
+    if queued is not None and active is not None:
+        lines += [
+            f"# HELP {PREFIX}_jobs_queue_queued Jobs waiting for a worker, whole fleet",
+            f"# TYPE {PREFIX}_jobs_queue_queued gauge",
+            f"{PREFIX}_jobs_queue_queued {queued}",
+            f"# HELP {PREFIX}_jobs_queue_active Jobs held by a worker, whole fleet",
+            f"# TYPE {PREFIX}_jobs_queue_active gauge",
+            f"{PREFIX}_jobs_queue_active {active}",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def set_model_info(tag: str, backend: str) -> None:

@@ -118,12 +118,19 @@ class ServeProcess:
     def stop(self, timeout: float = 30) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
+        import psutil
+
+        # circus runs the worker in a process group of its own: remember the whole tree
+        tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
         self.signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
+            for process in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
             self.proc.wait(10)
+        psutil.wait_procs(tree, timeout=10)
         self._log.close()
         return self.proc.returncode
 
@@ -137,3 +144,24 @@ def serving(**kwargs) -> Iterator[ServeProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+DATA = ROOT / "data" / "Churn_Modelling.csv"
+
+
+def customers_csv(rows: int) -> bytes:
+    """A CSV of `rows` real customers: the dataset's rows repeated, each CustomerId made
+    unique (it becomes the data row number), other columns as in the dataset. Data row r
+    (1-based) is dataset row (r - 1) % 10,000."""
+    header, *lines = DATA.read_text().splitlines()
+    id_at = header.split(",").index("CustomerId")
+    out = [header]
+    for r in range(rows):
+        fields = lines[r % len(lines)].split(",")  # the dataset has no quoted fields
+        fields[id_at] = str(r + 1)
+        out.append(",".join(fields))
+    return ("\n".join(out) + "\n").encode()
+
+
+def submit_job(url: str, data: bytes, filename: str = "customers.csv", timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{url}/jobs", files={"file": (filename, data, "text/csv")}, timeout=timeout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, json_customer
-from tests.helpers import ROOT, metric, serving
+from tests.helpers import ROOT, customers_csv, metric, serving
 
 
 def post(server, path, payload, **kw):
@@ -213,58 +212,9 @@ def test_health_stays_fast_while_the_pools_are_saturated(pinned_server, sample_r
     assert worst < 0.1, f"slowest health probe took {worst * 1000:.0f} ms"
 
 
-def _csv(rows: list[dict]) -> bytes:
-    buf = io.StringIO()
-    pd.DataFrame(rows).to_csv(buf, index=False)
-    return buf.getvalue().encode()
-
-
-def test_csv_scoring_job_reports_bad_rows_and_scores_the_rest(server, dataset, sample_rows):
-    good = [{"CustomerId": 1000 + i, **json_customer(r)} for i, r in enumerate(sample_rows[:30])]
-    bad = [
-        {**good[0], "CustomerId": 1, "Geography": "Atlantis"},
-        {**good[0], "CustomerId": 2, "Age": "old"},
-        {**good[0], "CustomerId": 3, "Balance": -5},
-    ]
-    data = _csv(good[:10] + bad + good[10:])
-    submit = httpx.post(f"{server.url}/score_csv/submit", files={"file": ("c.csv", data, "text/csv")}, timeout=30)
-    assert submit.status_code == 200
-    task_id = submit.json()["task_id"]
-    deadline = time.monotonic() + 60
-    while (status := httpx.get(f"{server.url}/score_csv/status", params={"task_id": task_id}).json()["status"]) in (
-        "in_progress",
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert status == "completed"
-    result = httpx.get(f"{server.url}/score_csv/get", params={"task_id": task_id}).json()
-    assert (result["rows"], result["scored"], result["failed"]) == (33, 30, 3)
-    assert [e["row"] for e in result["errors"]] == [11, 12, 13]
-    assert "Geography" in result["errors"][0]["error"] and "Age" in result["errors"][1]["error"]
-    assert "Balance" in result["errors"][2]["error"]
-    singles = post(server, "/predict_batch", {"customers": [json_customer(r) for r in sample_rows[:30]]}).json()
-    assert [p["churn_probability"] for p in result["predictions"]] == [
-        p["churn_probability"] for p in singles["predictions"]
-    ]
-    assert result["predictions"][0]["customer_id"] == "1000"
-
-
-def test_csv_job_missing_columns_is_rejected_clearly(server):
-    data = b"CustomerId,Age\n1,40\n"
-    task_id = httpx.post(f"{server.url}/score_csv/submit", files={"file": ("c.csv", data, "text/csv")}).json()[
-        "task_id"
-    ]
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{server.url}/score_csv/status", params={"task_id": task_id}).json()["status"] == "in_progress":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    result = httpx.get(f"{server.url}/score_csv/get", params={"task_id": task_id}).json()
-    assert result["status"] == "rejected" and "missing column(s): CreditScore" in result["error"]
-
-
 def test_openapi_documents_the_schema_with_an_example(server):
     spec = httpx.get(f"{server.url}/docs.json").json()
-    assert {"/predict", "/predict_batch", "/explain", "/model_card", "/score_csv/submit"} <= set(spec["paths"])
+    assert {"/predict", "/predict_batch", "/explain", "/model_card", "/jobs"} <= set(spec["paths"])
     text = json.dumps(spec)
     assert '"Geography"' in text and "France" in text and "101348.88" in text
 
@@ -278,5 +228,22 @@ def test_client_example_runs(server):
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for api in ("predict:", "predict_batch:", "explain:", "model_card:", "async predict:", "score_csv job"):
+    for api in ("predict:", "predict_batch:", "explain:", "model_card:", "async predict:"):
         assert api in proc.stdout
+
+
+def test_jobs_example_runs(server, tmp_path):
+    source = tmp_path / "customers.csv"
+    source.write_bytes(customers_csv(1_234))
+    out = tmp_path / "scored.csv"
+    proc = subprocess.run(
+        [sys.executable, "examples/jobs.py", str(source), "--url", server.url, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1234 rows scored, 0 reported as errors" in proc.stdout
+    scored = pd.read_csv(out)
+    assert scored["row"].tolist() == list(range(1, 1235)) and scored["CustomerId"].tolist() == list(range(1, 1235))
