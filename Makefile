@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install lock serve train test lint format bench load-smoke load load-stress image clean
+.PHONY: install system-packages lock serve train test lint format bench load-smoke load load-stress image clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -33,6 +33,18 @@ lock: $(VENV)/.installed
 
 install: $(VENV)/.installed .venv-checkov/.installed
 
+## Debian packages the tests and benchmarks run for real: a Redis server and a load balancer
+## for the fleet tests, wrk for the benchmarks. Installed only when missing (needs root or sudo).
+SYSTEM_PACKAGES ?= redis-server haproxy wrk
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+	    { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq $$missing >/dev/null; }; \
+	fi
+
 ## First README command: install, train if the store has no model, serve on :3000.
 serve: $(VENV)/.installed
 	$(PY) -m training --if-missing
@@ -42,7 +54,7 @@ train: $(VENV)/.installed
 	$(PY) -m training
 
 ## Second README command: install and run the test suite (what CI runs).
-test: $(VENV)/.installed .venv-checkov/.installed
+test: $(VENV)/.installed .venv-checkov/.installed system-packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -m "not container"
@@ -59,8 +71,7 @@ clean:
 	rm -rf $(VENV) .venv-checkov .pytest_cache .ruff_cache build
 
 ## Benchmarks (figures, not tests): in-process, HTTP (bare vs seeds' pattern vs ours), the request path's profile.
-bench: $(VENV)/.installed
-	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk; }
+bench: $(VENV)/.installed system-packages
 	$(PY) -m training --if-missing
 	$(PY) -m benchmarks.inprocess
 	$(PY) -m benchmarks.http

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -9,9 +11,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.store import MODEL_NAME
 
+# Secrets as files (a Kubernetes Secret volume): a file named like the variable, e.g.
+# /run/secrets/bank-churn/BANKCHURN_REDIS_URL for a managed Redis whose URL holds a password.
+# Environment variables win over these files.
+SECRETS_DIR = Path(os.environ.get("BANKCHURN_SECRETS_DIR", "/run/secrets/bank-churn"))
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BANKCHURN_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BANKCHURN_", extra="ignore", secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None
+    )
 
     model_tag: str = Field(f"{MODEL_NAME}:latest", description="model-store tag to serve")
     use_compiled: bool = Field(True, description="serve the ONNX model when its parity check passed")
