@@ -7,9 +7,11 @@ tests draw their payloads from it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import pydantic
 
 if TYPE_CHECKING:  # training-side checks take DataFrames; serving never imports pandas
@@ -112,7 +114,6 @@ def validate_frame(df: pd.DataFrame, *, require_target: bool = True) -> pd.DataF
     Raises DataValidationError naming every bad column and how many rows are bad. Nothing
     is dropped or coerced silently. Row numbers in messages count data rows from 0.
     """
-    import numpy as np
     import pandas as pd
 
     problems: list[str] = []
@@ -264,3 +265,115 @@ def row_values(customer: pydantic.BaseModel | dict[str, Any]) -> tuple[Any, ...]
     """A validated customer as a tuple in FEATURE_NAMES order (the predictor's row format)."""
     data = customer if isinstance(customer, dict) else customer.__dict__
     return tuple(data[name] for name in FEATURE_NAMES)
+
+
+# ---------------------------------------------------------------- columnar validation
+
+
+@dataclass(frozen=True)
+class ValidatedColumns:
+    """Columns checked against the schema (see validate_columns)."""
+
+    numeric: np.ndarray  # float64 [n, len(NUMERIC_FEATURES)], columns in NUMERIC_FEATURES order
+    categorical: dict[str, np.ndarray]  # one object array [n] per CATEGORICAL_FEATURES name
+    errors: list[tuple[int, str, str]]  # (row, feature, message): row order, then schema order
+    valid: np.ndarray  # bool [n]: rows without an error
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+
+def _bound(value: float) -> str:
+    """A bound as pydantic prints it in its messages (300, 0, 10000000, 0.5)."""
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _literal(categories: tuple[str, ...]) -> str:
+    quoted = [repr(c) for c in categories]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _numeric_messages(feat: Feature) -> tuple[str, ...]:
+    """The message of each check of a numeric value (finite, integer, minimum, maximum), in the
+    order they are tried: the first that fails is the value's one error. The wording is
+    pydantic's (what /predict says), plus the allowed values."""
+    lo, hi = (0, 1) if feat.kind == "flag" else (feat.minimum, feat.maximum)
+    allowed = f" (allowed: {feat.allowed()})"
+    return (
+        "Input should be a finite number" + allowed,
+        "Input should be a valid integer, got a number with a fractional part" + allowed,
+        f"Input should be greater than or equal to {_bound(lo)}" + allowed,
+        f"Input should be less than or equal to {_bound(hi)}" + allowed,
+    )
+
+
+_NUMERIC = tuple(BY_NAME[n] for n in NUMERIC_FEATURES)
+_NUMERIC_MESSAGES = tuple(_numeric_messages(f) for f in _NUMERIC)
+_LOWER = np.array([0 if f.kind == "flag" else f.minimum for f in _NUMERIC], dtype=np.float64)
+_UPPER = np.array([1 if f.kind == "flag" else f.maximum for f in _NUMERIC], dtype=np.float64)
+_INTEGRAL = np.array([f.kind in ("int", "flag") for f in _NUMERIC])
+_CATEGORY_MESSAGES = {
+    n: f"Input should be {_literal(BY_NAME[n].categories)} (allowed: {BY_NAME[n].allowed()})"
+    for n in CATEGORICAL_FEATURES
+}
+_CATEGORY_SETS = {n: frozenset(BY_NAME[n].categories) for n in CATEGORICAL_FEATURES}
+_SCHEMA_INDEX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+_NUMERIC_SCHEMA_INDEX = np.array([_SCHEMA_INDEX[n] for n in NUMERIC_FEATURES])
+
+
+def _in_categories(values: np.ndarray, name: str) -> np.ndarray:
+    """Bool [n]: which values are one of the feature's categories (set lookups, run in C)."""
+    allowed, items = _CATEGORY_SETS[name], values.tolist()
+    try:
+        if allowed.issuperset(items):  # the usual case: every value is allowed
+            return np.ones(len(items), dtype=bool)
+        return np.fromiter(map(allowed.__contains__, items), dtype=bool, count=len(items))
+    except TypeError:  # an unhashable value (a list, a dict) is no category either
+        return np.array([isinstance(v, str) and v in allowed for v in items], dtype=bool)
+
+
+def validate_columns(columns: Mapping[str, np.ndarray]) -> ValidatedColumns:
+    """Check a batch given as columns, vectorised: one array [n] per feature (extra keys ignored).
+
+    Numeric features come as float64 arrays, categorical ones as object arrays of str. Refused,
+    per value, with /predict's wording and the feature's allowed values: NaN and infinities,
+    non-integers for integer features and flags, values outside a feature's range, and
+    categories outside its list (any non-str value included). Missing features, or arrays that
+    are not [n] of one n, are the caller's mistake (ValueError), not a row's.
+    """
+    missing = [n for n in FEATURE_NAMES if n not in columns]
+    if missing:
+        raise ValueError(f"missing column(s): {', '.join(missing)}")
+    shapes = {name: np.shape(columns[name]) for name in FEATURE_NAMES}
+    n = shapes[FEATURE_NAMES[0]][0] if shapes[FEATURE_NAMES[0]] else 0
+    if any(shape != (n,) for shape in shapes.values()):
+        raise ValueError(f"columns must be arrays [n] of one length: {shapes}")
+    numeric = np.empty((n, len(NUMERIC_FEATURES)), dtype=np.float64)
+    for j, name in enumerate(NUMERIC_FEATURES):
+        numeric[:, j] = columns[name]
+    categorical = {name: np.asarray(columns[name], dtype=object) for name in CATEGORICAL_FEATURES}
+
+    # The whole matrix at once: NaN fails every comparison, infinities fail a bound.
+    numeric_ok = (numeric >= _LOWER) & (numeric <= _UPPER) & ((numeric == np.floor(numeric)) | ~_INTEGRAL)
+    category_ok = {name: _in_categories(categorical[name], name) for name in CATEGORICAL_FEATURES}
+    valid = numeric_ok.all(axis=1)
+    for ok in category_ok.values():
+        valid &= ok
+    if valid.all():
+        return ValidatedColumns(numeric, categorical, [], valid)
+
+    found: list[tuple[int, int, str, str]] = []  # (row, schema index, feature, message)
+    rows, cols = np.nonzero(~numeric_ok)
+    values = numeric[rows, cols]
+    finite = np.isfinite(values)
+    # A bad value's one error: the first check it fails, in the order of _numeric_messages.
+    checks = np.select(
+        [~finite, _INTEGRAL[cols] & (values != np.floor(values)), values < _LOWER[cols]], [0, 1, 2], default=3
+    )
+    for row, col, check in zip(rows.tolist(), cols.tolist(), checks.tolist(), strict=True):
+        found.append((row, int(_NUMERIC_SCHEMA_INDEX[col]), NUMERIC_FEATURES[col], _NUMERIC_MESSAGES[col][check]))
+    for name, ok in category_ok.items():
+        index, message = _SCHEMA_INDEX[name], _CATEGORY_MESSAGES[name]
+        found.extend((row, index, name, message) for row in np.flatnonzero(~ok).tolist())
+    found.sort(key=lambda e: (e[0], e[1]))
+    return ValidatedColumns(numeric, categorical, [(row, name, msg) for row, _, name, msg in found], valid)
