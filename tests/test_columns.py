@@ -16,6 +16,7 @@ from models.schema import (
     CATEGORICAL_FEATURES,
     EXAMPLE_CUSTOMER,
     FEATURE_NAMES,
+    FEW_ROWS,
     NUMERIC_FEATURES,
     Customer,
     validate_columns,
@@ -182,9 +183,27 @@ def _predict_errors(row: dict) -> set[str]:
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.lists(ROW, min_size=1, max_size=8))
-def test_the_same_rows_are_refused_as_by_predicts_model(rows):
-    checked = validate_columns(columns(rows))
+@given(st.lists(ROW, min_size=1, max_size=FEW_ROWS))
+def test_the_same_rows_are_refused_as_by_predicts_model_on_both_paths(rows):
+    """A few rows are checked value by value, more with NumPy: both as /predict's model does."""
+    few = validate_columns(columns(rows))
     for i, row in enumerate(rows):
-        assert {name for r, name, _ in checked.errors if r == i} == _predict_errors(row), row
-        assert checked.valid[i] == (not _predict_errors(row))
+        assert {name for r, name, _ in few.errors if r == i} == _predict_errors(row), row
+        assert few.valid[i] == (not _predict_errors(row))
+    copies = FEW_ROWS // len(rows) + 1  # enough rows for the vectorised path
+    many = validate_columns(columns(rows * copies))
+    n = len(rows)
+    assert many.errors == [(row + k * n, name, msg) for k in range(copies) for row, name, msg in few.errors]
+    assert many.valid.tolist() == few.valid.tolist() * copies
+    np.testing.assert_array_equal(many.numeric[:n], few.numeric)
+    for name in CATEGORICAL_FEATURES:
+        assert many.categorical[name][:n].tolist() == few.categorical[name].tolist()
+
+
+def test_plain_lists_are_columns_too():
+    rows = [EXAMPLE_CUSTOMER, {**EXAMPLE_CUSTOMER, "Age": 12}]
+    as_lists = validate_columns({name: [r[name] for r in rows] for name in FEATURE_NAMES})
+    as_arrays = validate_columns(columns(rows))
+    assert as_lists.errors == as_arrays.errors == [(1, "Age", predict_says("Age", 12))]
+    np.testing.assert_array_equal(as_lists.numeric, as_arrays.numeric)
+    assert as_lists.numeric.dtype == np.float64
