@@ -30,6 +30,7 @@ from serving.http import BodyLimitMiddleware, ValidationMessageMiddleware, descr
 from serving.online import PredictRoute, overloaded
 from serving.routes import HotRoutes, RouteTable
 from serving.settings import Settings
+from serving.v2 import OpenInferenceApp
 
 logger = logging.getLogger("bentoml.service.bank_churn")
 settings = Settings()
@@ -123,6 +124,9 @@ class BankChurn:
         HOT_ROUTES.configure(settings.request_timeout_s, settings.access_log)
         if settings.predict_route == "hot":
             HOT_ROUTES.route("POST", "/predict", PredictRoute(self.engine, PredictInput, settings.max_body_bytes))
+        # The Open Inference Protocol (KServe V2); its health and readiness follow self.ready.
+        v2 = OpenInferenceApp(self.engine, lambda: self.ready, settings.max_body_bytes, settings.max_batch_rows)
+        HOT_ROUTES.mount("/v2", v2)
         # load_predictor() proved the model with a real prediction, so readiness can turn true
         # as soon as the pools exist.
         # Move everything loaded so far (frameworks, model) out of the cyclic GC's reach:
