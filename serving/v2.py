@@ -209,7 +209,7 @@ def _requested_outputs(request: dict) -> tuple[str, ...]:
         if unknown:
             raise _bad(f"outputs[{i}]: unknown field {_quote(sorted(unknown)[0])} (allowed: name, parameters)")
         name = output.get("name")
-        if name not in OUTPUTS:
+        if type(name) is not str or name not in OUTPUTS:  # (a dict is no key: found by the fuzzing)
             raise _bad(f"outputs[{i}]: unknown output {_quote(name)} (outputs: {', '.join(OUTPUTS)})")
         if name in names:
             raise _bad(f"output '{name}' is requested twice")
