@@ -11,10 +11,14 @@ import time
 from importlib.metadata import version
 
 import httpx
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, NUMERIC_FEATURES, json_customer
+from models.schema import BY_NAME, EXAMPLE_CUSTOMER, FEATURE_NAMES, NUMERIC_FEATURES, json_customer
 from models.store import MODEL_NAME
+from serving.routes import HttpError
 from serving.v2 import (
     BYTES,
     FP64,
@@ -27,7 +31,9 @@ from serving.v2 import (
     PARAM_THRESHOLD,
     PREFIX,
     SERVER_NAME,
+    checked_columns,
     columnar_request,
+    single_row,
 )
 from tests.helpers import metric
 
@@ -293,6 +299,68 @@ def test_openapi_documents_the_v2_routes(server, trained):
     assert {f"{MODEL}/versions/{{version}}", f"{MODEL}/versions/{{version}}/infer"} <= paths.keys()
     example = paths[INFER]["post"]["requestBody"]["content"]["application/json"]["schema"]["example"]
     assert probabilities(post(server, example))
+
+
+# ----------------------------------------------------------------------------- the single-row short way
+
+_VALUE = st.one_of(
+    st.integers(-5, 1200), st.floats(-10, 2e7), st.sampled_from([42.0, 0.5, True, None, "42", "France", "Male", [1]])
+)
+_CHANGES = st.lists(
+    st.tuples(
+        st.sampled_from(FEATURE_NAMES),
+        st.sampled_from(["datatype", "shape", "data", "parameters", "nested", "twice", "drop", "name"]),
+        st.sampled_from([FP64, INT64, BYTES, "FP32", [1], [True], [1, 1], [1.0], [2], {}, "Ages", None]),
+        _VALUE,
+    ),
+    max_size=3,
+)
+
+
+def _valid(name: str):
+    feature = BY_NAME[name]
+    lo, hi = (0, 1) if feature.kind == "flag" else (int(feature.minimum), int(feature.maximum))
+    if feature.kind == "float":
+        return st.one_of(st.floats(lo, hi), st.integers(lo, hi))
+    return st.one_of(st.integers(lo, hi), st.integers(lo, hi).map(float))  # FP64 data may carry integers
+
+
+_ROW = st.fixed_dictionaries({n: _valid(n) for n in NUMERIC_FEATURES})
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(_ROW, st.dictionaries(st.sampled_from(NUMERIC_FEATURES), _VALUE, max_size=2), _CHANGES)
+def test_the_short_way_for_one_row_accepts_only_what_the_columns_way_does(numbers, bad, changes):
+    body = columnar_request([{**EXAMPLE_CUSTOMER, **numbers, **bad}])
+    for tensor in body["inputs"]:  # integral floats go as FP64 (INT64 data with 42.0 takes the long way)
+        if any(type(v) is float for v in tensor["data"]) and tensor["datatype"] == INT64:
+            tensor["datatype"] = FP64
+    inputs = body["inputs"]
+    for name, what, option, value in changes:
+        item = next((t for t in inputs if t.get("name") == name), None)
+        if item is None:
+            continue
+        if what in ("datatype", "shape", "name"):
+            item[what] = option
+        elif what == "data":
+            item["data"] = [value]
+        elif what == "parameters":
+            item["parameters"] = {}
+        elif what == "nested":
+            item["data"] = [item["data"]]
+        elif what == "twice":
+            inputs.append(dict(item))
+        else:
+            inputs.remove(item)
+    raw = orjson.dumps(body)
+    row = single_row(inputs)
+    try:
+        checked = checked_columns(raw, inputs, None, tuple(OUTPUTS), 10_000)
+    except HttpError as exc:
+        assert row is None, (exc.message, row)
+        return
+    if row is not None:  # the same row, the same values and types
+        assert checked.row == row and [type(v) for v in checked.row] == [type(v) for v in row]
 
 
 # ----------------------------------------------------------------------------- readiness, in-process
