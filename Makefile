@@ -1,5 +1,5 @@
 # The README's commands. Everything installs into ./.venv (and ./.venv-checkov for the
-# manifest scanner, whose pins clash with bentoml's).
+# manifest scanner, ./.venv-clients for the third-party V2 clients: their pins clash with ours).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,11 +19,12 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	$(UV) sync --quiet --frozen --all-extras --python $(PY)
 	touch $@
 
-## Re-resolve uv.lock after editing pyproject.toml, and export the Bento's pinned requirements.
+## Re-resolve uv.lock after editing pyproject.toml, export the Bento's pinned requirements, re-resolve the V2 clients'.
 lock: $(VENV)/.installed
 	$(UV) lock
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header -o requirements/serve.txt
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header --extra sklearn -o requirements/full.txt
+	$(UV) pip compile --quiet --python-version 3.11 requirements/clients.in -o requirements/clients.txt
 
 .venv-checkov/.installed:
 	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
@@ -31,7 +32,14 @@ lock: $(VENV)/.installed
 	.venv-checkov/bin/uv pip install --quiet --python .venv-checkov/bin/python checkov==3.3.30
 	touch $@
 
-install: $(VENV)/.installed .venv-checkov/.installed
+# tritonclient and kserve, the Open Inference Protocol clients the tests drive, at the exact
+# versions of requirements/clients.txt (resolved from requirements/clients.in).
+.venv-clients/.installed: requirements/clients.txt $(VENV)/.installed
+	test -x .venv-clients/bin/python || $(PYTHON) -m venv .venv-clients
+	$(UV) pip sync --quiet --python .venv-clients/bin/python requirements/clients.txt
+	touch $@
+
+install: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed
 
 ## Debian packages the tests and benchmarks run for real: a Redis server and a load balancer
 ## for the fleet tests, wrk for the benchmarks. Installed only when missing (needs root or sudo).
@@ -54,7 +62,7 @@ train: $(VENV)/.installed
 	$(PY) -m training
 
 ## Second README command: install and run the test suite (what CI runs).
-test: $(VENV)/.installed .venv-checkov/.installed system-packages
+test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -m "not container"
@@ -68,7 +76,7 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) .venv-checkov .pytest_cache .ruff_cache build
+	rm -rf $(VENV) .venv-checkov .venv-clients .pytest_cache .ruff_cache build
 
 ## Benchmarks (figures, not tests): in-process, HTTP (bare vs seeds' pattern vs ours), the request path's profile.
 bench: $(VENV)/.installed system-packages

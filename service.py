@@ -29,6 +29,7 @@ from serving.jobs.routes import JobRoutes
 from serving.online import PredictRoute, overloaded
 from serving.routes import HotRoutes, RouteTable
 from serving.settings import Settings
+from serving.v2 import OpenInferenceApp
 
 logger = logging.getLogger("bentoml.service.bank_churn")
 settings = Settings()
@@ -122,6 +123,9 @@ class BankChurn:
         HOT_ROUTES.configure(settings.request_timeout_s, settings.access_log)
         if settings.predict_route == "hot":
             HOT_ROUTES.route("POST", "/predict", PredictRoute(self.engine, PredictInput, settings.max_body_bytes))
+        # The Open Inference Protocol (KServe V2); its health and readiness follow self.ready.
+        v2 = OpenInferenceApp(self.engine, lambda: self.ready, settings.max_body_bytes, settings.max_batch_rows)
+        HOT_ROUTES.mount("/v2", v2)
         # Scoring jobs: in Redis when BANKCHURN_REDIS_URL is set (any replica answers for any
         # job), else in this process; run by BANKCHURN_JOB_WORKERS workers here.
         self.jobs = JobManager(self.engine, settings)

@@ -153,8 +153,10 @@ class RouteTable:
     def mount(self, prefix: str, app: ASGIApp) -> None:
         """Serve `prefix` and everything under it with `app`, an ASGI app that answers 404/405
         itself. Optional attributes of `app`: `openapi_paths()` (merged into /docs.json) and
-        `route_label(scope)` (a low-cardinality label for metrics, e.g. '/jobs/{job_id}')."""
-        self.prefixes.append((prefix.rstrip("/"), app))
+        `route_label(scope)` (a low-cardinality label for metrics, e.g. '/jobs/{job_id}'). Mounting
+        a prefix again replaces its app (each service instance mounts its own; tests make several)."""
+        prefix = prefix.rstrip("/")
+        self.prefixes = [(p, a) for p, a in self.prefixes if p != prefix] + [(prefix, app)]
 
     def match(self, scope: Scope) -> tuple[str, ASGIApp] | None:
         path = scope["path"]

@@ -624,8 +624,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(fleet, bodies, expe
     # loop gets to it (0.3 s to over a second later while it parses big batches); requests that
     # arrive before that are still served in full. Then it stops accepting, but the listening
     # socket belongs to the circus arbiter and stays open, so a new connection is accepted by the
-    # kernel, held without an answer while the in-flight requests drain and dropped when the
-    # worker exits; from then on: connection refused. Never a 503, never an error status.
+    # kernel and held without an answer, then dropped: by the worker's shutdown step if the
+    # worker had accepted it before it stopped accepting (uvicorn closes connections with no
+    # request under way: seen 1.4 s after SIGTERM, mid-drain), else when the worker exits;
+    # from then on: connection refused. Never a 503, never an error status, never left hanging.
     assert all(p.status == 200 for p in served), [p.kind for p in served]
     assert all(p.error in ("dropped", "refused") for p in unserved), [p.kind for p in unserved]
     assert unserved, "every request sent after SIGTERM was served: drain too short to observe"
@@ -633,7 +635,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(fleet, bodies, expe
     assert all(p.sent <= first_unserved + 0.05 for p in served), "served again after refusing"
     held = [p for p in unserved if p.sent < drained]
     assert held, "no new request was sent between the worker's stop and the end of the drain"
-    assert all(p.error == "dropped" and p.done >= drained for p in held), [
-        (p.kind, round(p.done - drained, 2)) for p in held
+    assert all(p.error == "dropped" and p.done <= exited + 1.0 for p in held), [
+        (p.kind, round(p.done - exited, 2)) for p in held
     ]
     assert after_exit.error == "refused"

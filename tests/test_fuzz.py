@@ -24,12 +24,26 @@ import schemathesis
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
+from models.store import MODEL_NAME
 from serving.settings import Settings
+from serving.v2 import (
+    BINARY_UNSUPPORTED,
+    CLASSIFICATION_UNSUPPORTED,
+    HEADER_INFERENCE_CONTENT_LENGTH,
+    OUTPUT_PROBABILITY,
+    PARAM_BINARY_DATA_SIZE,
+    PARAM_CLASSIFICATION,
+    PARAM_SHARED_MEMORY_REGION,
+    SHARED_MEMORY_UNSUPPORTED,
+    columnar_request,
+)
 from tests.fleet import wait_for_job
 
 CUSTOMER = EXAMPLE_CUSTOMER
 JSON = {"content-type": "application/json"}
 MAX_BODY = Settings().max_body_bytes  # the session server reads the same environment
+MAX_ROWS = Settings().max_batch_rows
+V2_INFER = f"/v2/models/{MODEL_NAME}/infer"
 MiB = 1024 * 1024
 
 
@@ -41,7 +55,8 @@ class KnownIssue(AssertionError):
 
 
 def five_xx(server) -> float:
-    """5xx responses the server has recorded, over every endpoint (from /metrics)."""
+    """5xx responses the server has recorded, over every endpoint (from /metrics): BentoML's
+    routes and the hot routes in front of them (/predict, /v2), which count their own."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     return sum(
         sample.value
@@ -171,6 +186,8 @@ def test_fuzzing_every_api_never_gives_a_server_error(server):
     assert finished is not None and finished.stop_reason == "completed"
     assert {"POST /predict", "POST /predict_batch", "POST /explain", "POST /model_card"} <= tested
     assert {"POST /jobs", "GET /jobs/{job_id}", "GET /jobs/{job_id}/result", "DELETE /jobs/{job_id}"} <= tested
+    assert {"GET /v2", "GET /v2/health/ready", f"GET /v2/models/{MODEL_NAME}", f"POST {V2_INFER}"} <= tested
+    assert f"POST /v2/models/{MODEL_NAME}/versions/{{version}}/infer" in tested
     assert not [code for code in statuses if code >= 500], statuses
     assert sum(statuses.values()) >= 500, f"the fuzzer sent too few requests: {statuses}"
     assert statuses.get(200, 0) >= 50 and statuses.get(400, 0) >= 100, statuses  # both valid and invalid input
@@ -184,6 +201,241 @@ DEEP = 100_000
 def _multipart(body: bytes, boundary: str | None = "b0undary") -> dict[str, Any]:
     ct = "multipart/form-data" + (f"; boundary={boundary}" if boundary else "")
     return {"content": body, "headers": {"content-type": ct}}
+
+
+# ----------------------------------------------------------------------------- hostile V2 bodies
+
+
+def v2(change: Callable[[dict], Any] = lambda body: None, rows: int = 1, **dumps: Any) -> dict[str, Any]:
+    """An Open Inference Protocol request for `rows` customers, changed by `change`, as JSON."""
+    body = columnar_request([CUSTOMER] * rows)
+    change(body)
+    return as_json(body, **dumps)
+
+
+def tensor(body: dict, name: str) -> dict:
+    return next(t for t in body["inputs"] if t["name"] == name)
+
+
+def setting(feature: str, /, **fields: Any) -> Callable[[dict], None]:
+    return lambda body: tensor(body, feature).update(fields)
+
+
+def every_input(**fields: Any) -> Callable[[dict], None]:
+    return lambda body: [t.update(fields) for t in body["inputs"]]
+
+
+def _row_3_of(name: str, value: Any) -> Callable[[dict], None]:
+    def change(body: dict) -> None:
+        tensor(body, name)["data"][3] = value
+
+    return change
+
+
+# (case, request kwargs, status, substrings of `error`); each becomes a HOSTILE case for /v2
+HOSTILE_V2: list[tuple[str, Callable[[], dict[str, Any]], int, tuple[str, ...]]] = [
+    # datatypes
+    (
+        "datatype-FP32",
+        lambda: v2(setting("Age", datatype="FP32")),
+        400,
+        ("input 'Age': datatype 'FP32'", "FP64 or INT64"),
+    ),
+    ("datatype-BYTES-for-a-number", lambda: v2(setting("Age", datatype="BYTES")), 400, ("(allowed: FP64 or INT64)",)),
+    ("datatype-FP64-for-a-category", lambda: v2(setting("Gender", datatype="FP64")), 400, ("'Gender'", "BYTES")),
+    (
+        "datatype-missing",
+        lambda: v2(lambda b: tensor(b, "Tenure").pop("datatype")),
+        400,
+        ("'Tenure': datatype 'None'",),
+    ),
+    (
+        "boolean-for-a-flag",
+        lambda: v2(setting("HasCrCard", data=[True])),
+        400,
+        ("'HasCrCard', row 0", "found a boolean"),
+    ),
+    ("a-boolean-among-20-numbers", lambda: v2(_row_3_of("Tenure", True), rows=20), 400, ("'Tenure', row 3", "boolean")),
+    ("string-for-a-number", lambda: v2(setting("Age", data=["42"])), 400, ("'Age', row 0", "found the string '42'")),
+    ("null-for-a-number", lambda: v2(setting("Balance", data=[None])), 400, ("'Balance', row 0", "found null")),
+    ("object-for-a-number", lambda: v2(setting("Balance", data=[{"v": 1}])), 400, ("'Balance', row 0", "an object")),
+    (
+        "fraction-in-INT64",
+        lambda: v2(setting("Balance", datatype="INT64", data=[0.5])),
+        400,
+        ("INT64 data must be integers",),
+    ),
+    ("fraction-for-an-integer", lambda: v2(setting("Age", datatype="FP64", data=[42.5])), 400, ("fractional part",)),
+    (
+        "1e30-for-an-integer",
+        lambda: v2(setting("Age", data=[10**30])),
+        400,
+        ("'Age', row 0", "less than or equal to 100"),
+    ),
+    ("number-for-a-category", lambda: v2(setting("Geography", data=[1])), 400, ("'Geography', row 0", "'Spain'")),
+    ("null-for-a-category", lambda: v2(setting("Gender", data=[None])), 400, ("'Gender', row 0", "'Female' or 'Male'")),
+    (
+        "list-for-a-category",
+        lambda: v2(setting("Gender", data=[["Male"]])),
+        400,
+        ("input 'Gender'",),
+    ),
+    (
+        "category-in-row-3",
+        lambda: v2(_row_3_of("Geography", "Italy"), rows=5),
+        400,
+        ("'Geography', row 3: Input should be",),
+    ),
+    (
+        "nan-literal",
+        lambda: raw_json(json.dumps(columnar_request([CUSTOMER])).replace("0.0", "NaN", 1)),
+        400,
+        ("invalid JSON",),
+    ),
+    (
+        "1e400",
+        lambda: raw_json(json.dumps(columnar_request([CUSTOMER])).replace("101348.88", "1e400")),
+        400,
+        ("infinity",),
+    ),
+    (
+        "integer-of-5000-digits",
+        lambda: raw_json(json.dumps(columnar_request([CUSTOMER])).replace("619", "9" * 5000)),
+        400,
+        ("invalid JSON",),
+    ),
+    # shapes and data
+    ("shape-longer-than-data", lambda: v2(setting("CreditScore", shape=[2])), 400, ("needs 2 values, data has 1",)),
+    (
+        "data-longer-than-shape",
+        lambda: v2(setting("Age", data=[42, 42])),
+        400,
+        ("'Age': shape [1] needs 1 values, data has 2",),
+    ),
+    (
+        "shapes-differ-between-inputs",
+        lambda: v2(setting("Age", shape=[2], data=[42, 42])),
+        400,
+        ("one column of the same rows",),
+    ),
+    (
+        "shape-claims-10**18-rows",
+        lambda: v2(every_input(shape=[10**18])),
+        400,
+        (f"at most {MAX_ROWS} rows per request",),
+    ),
+    ("shape-claims-10**9-columns", lambda: v2(setting("CreditScore", shape=[1, 10**9])), 400, ("is not a column's",)),
+    ("shape-beyond-64-bits", lambda: v2(every_input(shape=[2**70])), 400, ("is not a column's",)),
+    ("shape-negative", lambda: v2(setting("Age", shape=[-1])), 400, ("shape [-1] is not a column's",)),
+    ("shape-of-booleans", lambda: v2(setting("Age", shape=[True])), 400, ("is not a column's",)),
+    ("shape-a-string", lambda: v2(setting("Age", shape="1")), 400, ("is not a column's",)),
+    ("shape-3-d", lambda: v2(setting("Age", shape=[1, 1, 1])), 400, ("is not a column's",)),
+    ("shape-empty", lambda: v2(setting("Age", shape=[])), 400, ("is not a column's",)),
+    ("zero-rows", lambda: v2(every_input(shape=[0], data=[])), 400, ("at least 1 row",)),
+    ("nested-data-for-shape-N", lambda: v2(setting("Age", data=[[42]])), 400, ("'Age': data does not have shape [1]",)),
+    (
+        "ragged-data-for-shape-Nx1",
+        lambda: v2(setting("Age", shape=[1, 1], data=[[42, 43]])),
+        400,
+        ("does not have shape",),
+    ),
+    ("data-a-number", lambda: v2(setting("Age", data=42)), 400, ("'data' must be a JSON array",)),
+    ("data-an-object", lambda: v2(setting("Age", data={"0": 42})), 400, ("'data' must be a JSON array",)),
+    ("data-missing", lambda: v2(lambda b: tensor(b, "Age").pop("data")), 400, ("'data' must be a JSON array",)),
+    ("10001-rows", lambda: v2(rows=MAX_ROWS + 1, separators=(",", ":")), 400, (f"at most {MAX_ROWS} rows",)),
+    ("body-over-the-limit", lambda: v2(setting("Geography", data=["a" * (MAX_BODY + MiB)])), 413, ("larger than",)),
+    ("5-MiB-category-value", lambda: v2(setting("Geography", data=["a" * 5 * MiB])), 400, ("'Geography', row 0",)),
+    ("deeply-nested-data", lambda: raw_json('{"inputs": ' + "[" * DEEP + "]" * DEEP + "}"), 400, ("invalid JSON",)),
+    # inputs and outputs
+    (
+        "missing-input",
+        lambda: v2(lambda b: b["inputs"].remove(tensor(b, "Tenure"))),
+        400,
+        ("missing input(s): Tenure",),
+    ),
+    ("unknown-input", lambda: v2(setting("Age", name="Ages")), 400, ("unknown input 'Ages'", "inputs: CreditScore")),
+    (
+        "input-given-twice",
+        lambda: v2(lambda b: b["inputs"].append(tensor(b, "Age"))),
+        400,
+        ("input 'Age' is given twice",),
+    ),
+    ("input-without-a-name", lambda: v2(lambda b: b["inputs"][0].pop("name")), 400, ("inputs[0]: unknown input",)),
+    (
+        "input-not-an-object",
+        lambda: v2(lambda b: b["inputs"].insert(0, [1])),
+        400,
+        ("inputs[0] must be a JSON object",),
+    ),
+    ("1-MB-input-name", lambda: v2(setting("Age", name="A" * MiB)), 400, ("unknown input 'AAAA",)),
+    ("unknown-input-field", lambda: v2(setting("Age", dims=[1])), 400, ("'Age': unknown field 'dims'",)),
+    ("inputs-empty", lambda: as_json({"inputs": []}), 400, ("'inputs' must be a JSON array",)),
+    ("inputs-not-a-list", lambda: as_json({"inputs": {"Age": [42]}}), 400, ("'inputs' must be a JSON array",)),
+    ("unknown-output", lambda: v2(lambda b: b.update(outputs=[{"name": "p"}])), 400, ("unknown output 'p'",)),
+    ("output-name-an-object", lambda: v2(lambda b: b.update(outputs=[{"name": {}}])), 400, ("unknown output '{}'",)),
+    ("input-name-an-object", lambda: v2(setting("Age", name={"a": 1})), 400, ("unknown input \"{'a': 1}\"",)),
+    ("output-twice", lambda: v2(lambda b: b.update(outputs=[{"name": OUTPUT_PROBABILITY}] * 2)), 400, ("twice",)),
+    ("outputs-not-a-list", lambda: v2(lambda b: b.update(outputs=OUTPUT_PROBABILITY)), 400, ("'outputs' must be",)),
+    # the rest of the request
+    ("unknown-top-level-field", lambda: v2(lambda b: b.update(output=[])), 400, ("unknown field 'output'",)),
+    ("id-not-a-string", lambda: v2(lambda b: b.update(id=42)), 400, ("'id' must be a string",)),
+    (
+        "parameters-not-an-object",
+        lambda: v2(lambda b: b.update(parameters=[1])),
+        400,
+        ("'parameters' must be a JSON object",),
+    ),
+    ("model-name-of-another-model", lambda: v2(lambda b: b.update(model_name="other")), 400, ("does not match",)),
+    ("top-level-array", lambda: as_json([columnar_request([CUSTOMER])]), 400, ("must be a JSON object",)),
+    ("top-level-string", lambda: as_json("inputs"), 400, ("must be a JSON object",)),
+    ("empty-body", lambda: {"content": b"", "headers": JSON}, 400, ("empty body",)),
+    ("invalid-utf8", lambda: {"content": b'{"inputs": "\xff"}', "headers": JSON}, 400, ("invalid JSON",)),
+    ("lone-surrogate", lambda: raw_json('{"inputs": [], "id": "\\ud800"}'), 400, ("invalid JSON",)),
+    # extensions and framing
+    (
+        "binary-data-size",
+        lambda: v2(setting("Age", parameters={PARAM_BINARY_DATA_SIZE: 8})),
+        400,
+        (BINARY_UNSUPPORTED,),
+    ),
+    (
+        "inference-header-content-length",
+        lambda: {"content": v2()["content"], "headers": {**JSON, HEADER_INFERENCE_CONTENT_LENGTH: "12"}},
+        400,
+        (BINARY_UNSUPPORTED,),
+    ),
+    (
+        "octet-stream-body",
+        lambda: {"content": b"\x00" * 64, "headers": {"content-type": "application/octet-stream"}},
+        400,
+        (BINARY_UNSUPPORTED,),
+    ),
+    (
+        "shared-memory",
+        lambda: v2(setting("Age", parameters={PARAM_SHARED_MEMORY_REGION: "r"})),
+        400,
+        (SHARED_MEMORY_UNSUPPORTED,),
+    ),
+    (
+        "classification-output",
+        lambda: v2(lambda b: b.update(outputs=[{"name": OUTPUT_PROBABILITY, "parameters": {PARAM_CLASSIFICATION: 2}}])),
+        400,
+        (CLASSIFICATION_UNSUPPORTED,),
+    ),
+    ("parameters-of-an-input-not-an-object", lambda: v2(setting("Age", parameters=3)), 400, ("'parameters' must be",)),
+    (
+        "text-plain",
+        lambda: {"content": v2()["content"], "headers": {"content-type": "text/plain"}},
+        415,
+        ("'text/plain'",),
+    ),
+    (
+        "gzip",
+        lambda: {"content": gzip.compress(v2()["content"]), "headers": {**JSON, "content-encoding": "gzip"}},
+        415,
+        ("Content-Encoding 'gzip'",),
+    ),
+]
 
 
 # (id, path, request kwargs (lazy: big bodies are built per test), status, substrings of `error`)
@@ -439,6 +691,7 @@ HOSTILE: list[tuple[str, str, Callable[[], dict[str, Any]], int, tuple[str, ...]
         400,
         ("customer.Age:", "[18, 100]"),
     ),
+    *[(f"v2-{case}", V2_INFER, make, status, says) for case, make, status, says in HOSTILE_V2],
 ]
 
 
@@ -567,6 +820,19 @@ RAW: list[tuple[str, Callable[[], tuple[bytes, list[bytes]]], int]] = [
         400,
     ),
     ("transfer-encoding-gzip", lambda: (_head(b"Content-Type: application/json", b"Transfer-Encoding: gzip"), []), 400),
+    (
+        "v2-chunked-without-content-length-over-the-limit",
+        lambda: (
+            _head(b"Content-Type: application/json", b"Transfer-Encoding: chunked", path=V2_INFER.encode()),
+            chunked_just_over_the_limit(),
+        ),
+        413,
+    ),
+    (
+        "v2-content-length-far-over-the-limit",
+        lambda: (_head(b"Content-Length: 1000000000000", path=V2_INFER.encode()), []),
+        413,
+    ),
     (
         "chunked-small-body",  # control: chunked itself is fine
         lambda: (
