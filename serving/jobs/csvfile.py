@@ -11,21 +11,16 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
-import pydantic
 
 from models.predictor import Predictor
-from models.schema import BY_NAME, FEATURE_NAMES, ID_COLUMN, Customer, row_values
+from models.schema import BY_NAME, FEATURE_NAMES, ID_COLUMN, Feature, validate_columns
 from serving import telemetry
-from serving.http import describe_validation_errors
-
-_INT = re.compile(r"^[+-]?\d+$")
 
 
 class CsvRejected(ValueError):
@@ -111,27 +106,33 @@ class Chunks:
                 return index, index * self.chunk_rows + 1, records
 
 
-def _coerce(name: str, text: str) -> Any:
-    """CSV cells are text: turn them into the JSON types the schema validates."""
-    kind = BY_NAME[name].kind
-    text = text.strip()
-    if kind == "category" or text == "":
-        return text if text != "" else None
-    if kind in ("int", "flag"):
-        if _INT.match(text):
-            try:
-                return int(text)
-            except ValueError:  # more digits than Python converts; the schema reports it
-                return text
-        try:
-            value = float(text)
-        except ValueError:
-            return text
-        return int(value) if math.isfinite(value) and value.is_integer() else value
+def _parse_number(text: str) -> float | None:
     try:
         return float(text)
+    except ValueError:  # not a number at all; None marks it for its own message
+        return None
+
+
+def _number_column(cells: tuple[str, ...], feature: Feature) -> tuple[np.ndarray, dict[int, str]]:
+    """A numeric CSV column as float64, and the offsets of cells that are no number at all
+    (with their message). Range, integer and finiteness rules are validate_columns'."""
+    try:
+        return np.fromiter(map(float, cells), dtype=np.float64, count=len(cells)), {}
     except ValueError:
-        return text
+        pass
+    values = [_parse_number(c) for c in cells]
+    noun = "an integer" if feature.kind in ("int", "flag") else "a number"
+    bad = {
+        i: (
+            f"Input should be {noun}, found an empty cell"
+            if not cells[i].strip()
+            else f"Input should be {noun}, unable to parse {cells[i][:40]!r}"
+        )
+        + f" (allowed: {feature.allowed()})"
+        for i, v in enumerate(values)
+        if v is None
+    }
+    return np.array([0.0 if v is None else v for v in values], dtype=np.float64), bad
 
 
 @dataclass(frozen=True)
@@ -148,46 +149,69 @@ class ChunkResult:
 def score_chunk(
     predictor: Predictor, header: list[str], first_row: int, records: list[list[str]], with_id: bool
 ) -> ChunkResult:
-    """Validate each record against the schema, score the valid ones in one model call."""
+    """Validate a chunk's records against the schema (vectorised, columns at a time), score
+    the valid ones in one model call, report each invalid one with every problem it has."""
     position = {name: header.index(name) for name in FEATURE_NAMES}  # the first of a repeated column
     id_at = header.index(ID_COLUMN) if with_id else None
     width = len(header)
-    rows, meta, errors = [], [], []
+    rows = np.arange(first_row, first_row + len(records))
+    whole = [i for i, record in enumerate(records) if len(record) == width]
+    problems: dict[int, list[str]] = {
+        i: [f"wrong number of fields on this line ({len(record)}, the header has {width})"]
+        for i, record in enumerate(records)
+        if len(record) != width
+    }
+    scored: list[dict[str, Any]] = []
     with telemetry.stage("csv_validate"):
-        for offset, record in enumerate(records):
-            number = first_row + offset
-            entry: dict[str, Any] = {"row": number}
-            if id_at is not None:
-                entry[ID_COLUMN] = record[id_at] if id_at < len(record) else None
-            if len(record) != width:
-                errors.append(
-                    {**entry, "error": f"wrong number of fields on this line ({len(record)}, header has {width})"}
-                )
+        kept = [records[i] for i in whole]
+        by_column = list(zip(*kept, strict=True)) if kept else [()] * width  # transposed in C
+        columns: dict[str, Any] = {}
+        for name in FEATURE_NAMES:
+            feature = BY_NAME[name]
+            if feature.kind == "category":
+                columns[name] = np.array(list(map(str.strip, by_column[position[name]])), dtype=object)
                 continue
-            candidate = {name: _coerce(name, record[i]) for name, i in position.items()}
-            try:
-                customer = Customer.model_validate(candidate)
-            except pydantic.ValidationError as exc:
-                errors.append({**entry, "error": "; ".join(describe_validation_errors(exc.errors()))})
-                continue
-            rows.append(row_values(customer))
-            meta.append(entry)
-    predictions: list[dict[str, Any]] = []
-    if rows:
-        telemetry.BATCH_ROWS.observe(len(rows))
-        with telemetry.stage("predict"):
-            proba = predictor.predict_rows(rows)
-        threshold = predictor.threshold
-        telemetry.record_predictions(proba, threshold)
-        predictions = [
-            {**entry, "churn_probability": p, "will_churn": p >= threshold}
-            for entry, p in zip(meta, proba.tolist(), strict=True)
-        ]
-    return ChunkResult(
-        predictions=orjson.dumps(predictions)[1:-1],
-        errors=orjson.dumps(errors)[1:-1],
-        scored=len(predictions),
-        failed=len(errors),
+            cells = by_column[position[name]]  # float() ignores surrounding whitespace itself
+            columns[name], unparsable = _number_column(cells, feature)
+            for i, message in unparsable.items():
+                problems.setdefault(whole[i], []).append(f"{name}: {message}")
+        checked = validate_columns(columns) if kept else None
+    if checked is not None:
+        for i, name, message in checked.errors:
+            if not any(p.startswith(f"{name}: ") for p in problems.get(whole[i], ())):  # one error a cell
+                problems.setdefault(whole[i], []).append(f"{name}: {message}")
+        ok = np.array([whole[i] not in problems for i in range(len(kept))], dtype=bool)
+        if ok.any():
+            numeric = checked.numeric[ok]
+            categorical = {name: values[ok] for name, values in checked.categorical.items()}
+            telemetry.BATCH_ROWS.observe(len(numeric))
+            with telemetry.stage("predict"):
+                proba = predictor.predict_columns(numeric, categorical)
+            threshold = predictor.threshold
+            telemetry.record_predictions(proba, threshold)
+            good = [whole[i] for i in np.flatnonzero(ok).tolist()]
+            for i, p in zip(good, proba.tolist(), strict=True):
+                entry: dict[str, Any] = {"row": int(rows[i])}
+                if id_at is not None:
+                    entry[ID_COLUMN] = records[i][id_at]
+                entry["churn_probability"] = p
+                entry["will_churn"] = p >= threshold
+                scored.append(entry)
+    errors = []
+    for i in sorted(problems):
+        entry = {"row": int(rows[i])}
+        if id_at is not None:
+            entry[ID_COLUMN] = records[i][id_at] if id_at < len(records[i]) else None
+        entry["error"] = "; ".join(problems[i])
+        errors.append(entry)
+    return ChunkResult(predictions=_fragment(scored), errors=_fragment(errors), scored=len(scored), failed=len(errors))
+
+
+def _fragment(entries: list[dict[str, Any]], step: int = 1000) -> bytes:
+    """JSON array contents, encoded a slice at a time: each call holds the GIL only briefly,
+    so an event loop sharing the process is never kept waiting long."""
+    return b",".join(
+        orjson.dumps(entries[i : i + step])[1:-1] for i in range(0, len(entries), step) if entries[i : i + step]
     )
 
 
