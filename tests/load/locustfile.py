@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import random
 
+import gevent
 from locust import FastHttpUser, between, events, task
 
 from models.schema import FEATURE_NAMES, json_customer
 from training.data import load_data
 
 CUSTOMERS = [json_customer(r) for r in load_data()[list(FEATURE_NAMES)].sample(2000, random_state=3).to_dict("records")]
+# Locust imports this file after gevent's loop has started and sets its -t timer from the loop's
+# cached clock: refresh it, or an import slower than the run time (pandas and the dataset: ~19 s
+# on a loaded 2-core machine) ends the run before any request.
+gevent.get_hub().loop.update_now()
 
 
 @events.init_command_line_parser.add_listener
