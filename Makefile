@@ -8,15 +8,18 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install lock serve train test lint format bench load-smoke load load-stress image clean
+.PHONY: install lock serve train test lint format bench load-smoke load load-stress image image-full image-tools clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
+# --compile-bytecode, as in the image (BentoML's Dockerfile sets UV_COMPILE_BYTECODE=1): every
+# `bentoml serve` would otherwise compile its imports again (~2 s a process, with
+# PYTHONDONTWRITEBYTECODE set or a read-only venv).
 $(VENV)/.installed: pyproject.toml uv.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9
-	$(UV) sync --quiet --frozen --all-extras --python $(PY)
+	$(UV) sync --quiet --frozen --all-extras --compile-bytecode --python $(PY)
 	touch $@
 
 ## Re-resolve uv.lock after editing pyproject.toml, and export the Bento's pinned requirements.
@@ -41,11 +44,19 @@ serve: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(PY) -m training
 
-## Second README command: install and run the test suite (what CI runs).
-test: $(VENV)/.installed .venv-checkov/.installed
+## Second README command: install and run the test suite (what CI runs), the container image
+## test included (tests/test_container.py: needs root; the base image is cached by its recipe
+## in $$BANK_CHURN_IMAGE_CACHE, default ~/.cache/bank-churn/images).
+test: $(VENV)/.installed .venv-checkov/.installed image-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -m "not container"
+	$(VENV)/bin/pytest
+
+## What building and running the image needs here (Debian packages; no Docker engine).
+image-tools:
+	@for tool in buildah debootstrap curl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (Debian packages)"; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; fi
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -58,13 +69,14 @@ format: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-checkov .pytest_cache .ruff_cache build
 
-## Benchmarks (figures, not tests): in-process, HTTP (bare vs seeds' pattern vs ours), the request path's profile.
+## Benchmarks (figures, not tests): in-process, HTTP (bare vs seeds' pattern vs ours), the request path's profile, start-up (cold start and RSS vs a bare endpoint).
 bench: $(VENV)/.installed
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk; }
 	$(PY) -m training --if-missing
 	$(PY) -m benchmarks.inprocess
 	$(PY) -m benchmarks.http
 	$(PY) -m benchmarks.profile
+	$(PY) -m benchmarks.startup
 
 ## Locust profiles against a running service (make serve first); HOST=http://... to target another.
 HOST ?= http://localhost:3000
@@ -72,7 +84,13 @@ load-smoke load load-stress: $(VENV)/.installed
 	$(PY) -m tests.load.run $(patsubst load-%,%,$@) --host $(HOST)
 
 ## Build the Bento and a real container image here (no Docker: debootstrap + buildah), smoke-test it.
-image: $(VENV)/.installed
+image: $(VENV)/.installed image-tools
 	$(PY) -m training --if-missing
 	$(VENV)/bin/bentoml build
 	deploy/image/build.sh
+
+## The same for the fallback Bento (bentofile.full.yaml: + scikit-learn, XGBoost, LightGBM, pandas).
+image-full: $(VENV)/.installed image-tools
+	$(PY) -m training --if-missing
+	$(VENV)/bin/bentoml build -f bentofile.full.yaml
+	deploy/image/build.sh --bento bank_churn_full:latest
