@@ -20,6 +20,9 @@
 #                        PyPI through a TLS-intercepting proxy; "none" to disable
 #                        (default: /etc/ssl/certs/ca-certificates.crt when it exists)
 #   --keep               keep the smoke-test working container and the logs (for debugging)
+#   --layers             commit one layer per Dockerfile step, as Docker does (buildah's default
+#                        is one layer for the whole build), for a per-step size report; on vfs
+#                        each layer is a full copy of the root fs (~6 GB for the lean image)
 #   --hold               after the smoke test, keep serving until standard input closes (or a
 #                        line is read), then stop and report: lets a caller test the running
 #                        image (tests/test_container.py). Prints "SERVING <url>" when ready.
@@ -48,6 +51,7 @@ STOP_TIMEOUT=30
 CA_BUNDLE="/etc/ssl/certs/ca-certificates.crt"
 KEEP=0
 HOLD=0
+LAYERS=0
 EXTRA_ENV=()
 PAYLOAD='{"customer": {"CreditScore": 619, "Geography": "France", "Gender": "Female", "Age": 42, "Tenure": 2, "Balance": 0.0, "NumOfProducts": 1, "HasCrCard": 1, "IsActiveMember": 1, "EstimatedSalary": 101348.88}}'
 
@@ -77,6 +81,7 @@ while [[ $# -gt 0 ]]; do
     --ca-bundle=*) CA_BUNDLE="${1#*=}"; shift ;;
     --keep) KEEP=1; shift ;;
     --hold) HOLD=1; shift ;;
+    --layers) LAYERS=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
@@ -167,6 +172,7 @@ build_image() {
   # buildah's --from replaces the first FROM (python:3.11-slim) with the local base image.
   opts=(--opt "from=$BASE_IMAGE" --opt isolation=chroot --opt "storage-driver=$STORAGE_DRIVER"
         --opt "iidfile=$WORK/iid")
+  [[ $LAYERS -eq 1 ]] && opts+=(--opt layers)
   if [[ "$CA_BUNDLE" != "none" && -f "$CA_BUNDLE" ]]; then
     opts+=(--opt "volume=$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
     log "build-time CA bundle: $CA_BUNDLE (bind-mounted read-only during RUN steps; not stored in the image)"

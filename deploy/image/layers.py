@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,10 @@ def layers(image: str) -> list[tuple[int, str]]:
 
 
 def describe(step: str) -> str:
-    step = " ".join(step.replace("/bin/sh -c ", "").replace("#(nop) ", "").split())
+    words = step.replace("/bin/sh -c ", "").replace("#(nop) ", "").split()
+    if words and re.fullmatch(r"\|\d+", words[0]):  # buildah's "|N ARG=value x N" prefix of a RUN
+        words = words[1 + int(words[0][1:]) :]
+    step = " ".join(words)
     return step if len(step) <= 110 else step[:107] + "..."
 
 
