@@ -109,7 +109,7 @@ TRAINING_STACK = ("sklearn", "xgboost", "lightgbm", "pandas", "scipy", "joblib")
 _IMPORTS = """
 import asyncio, json, sys
 import service
-arbiter = sorted(m for m in {stack} + ("onnxruntime",) if m in sys.modules)
+arbiter = sorted(m for m in {stack} + ("onnxruntime", "numpy") if m in sys.modules)
 svc = service.BankChurn()
 from models.schema import EXAMPLE_CUSTOMER, Customer
 asyncio.run(svc.predict(customer=Customer(**EXAMPLE_CUSTOMER), explain=True))
@@ -122,7 +122,7 @@ print(json.dumps({{"arbiter": arbiter, "worker": worker, "backend": svc.predicto
 @pytest.mark.parametrize(("use_compiled", "worker_imports"), [("true", []), ("false", ["joblib", "sklearn"])])
 def test_serving_imports_only_what_its_backend_needs(trained, use_compiled, worker_imports):
     """What `bentoml serve` imports: the arbiter (`import service`) checks the model without
-    loading it (no ONNX Runtime, no scikit-learn); the worker serving the compiled model,
+    loading it (no ONNX Runtime, no NumPy, no scikit-learn); the worker serving the compiled model,
     explanations included, never imports the training stack; the fallback does."""
     import json
     import subprocess
