@@ -8,15 +8,18 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages lock serve train test lint format bench load-smoke load load-stress image clean
+.PHONY: install system-packages lock serve train test lint format bench load-smoke load load-stress image image-full image-tools clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
+# --compile-bytecode, as in the image (BentoML's Dockerfile sets UV_COMPILE_BYTECODE=1): every
+# `bentoml serve` would otherwise compile its imports again (~2 s a process, with
+# PYTHONDONTWRITEBYTECODE set or a read-only venv).
 $(VENV)/.installed: pyproject.toml uv.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9
-	$(UV) sync --quiet --frozen --all-extras --python $(PY)
+	$(UV) sync --quiet --frozen --all-extras --compile-bytecode --python $(PY)
 	touch $@
 
 ## Re-resolve uv.lock after editing pyproject.toml, export the Bento's pinned requirements, re-resolve the V2 clients'.
@@ -42,8 +45,9 @@ lock: $(VENV)/.installed
 install: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed
 
 ## Debian packages the tests and benchmarks run for real: a Redis server and a load balancer
-## for the fleet tests, wrk for the benchmarks. Installed only when missing (needs root or sudo).
-SYSTEM_PACKAGES ?= redis-server haproxy wrk
+## for the fleet tests, wrk for the benchmarks, buildah + debootstrap + curl to build and run
+## the image (no Docker engine). Installed only when missing (needs root or sudo).
+SYSTEM_PACKAGES ?= redis-server haproxy wrk buildah debootstrap curl
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -61,11 +65,16 @@ serve: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(PY) -m training
 
-## Second README command: install and run the test suite (what CI runs).
+## Second README command: install and run the test suite (what CI runs), the container image
+## test included (tests/test_container.py: needs root; the base image is cached by its recipe
+## in $$BANK_CHURN_IMAGE_CACHE, default ~/.cache/bank-churn/images).
 test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -m "not container"
+	$(VENV)/bin/pytest
+
+## What building and running the image needs here (kept as a name for the image targets).
+image-tools: system-packages
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -78,12 +87,14 @@ format: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-checkov .venv-clients .pytest_cache .ruff_cache build
 
-## Benchmarks (figures, not tests): in-process, HTTP (bare vs seeds' pattern vs ours), the request path's profile.
+## Benchmarks (figures, not tests): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs.
 bench: $(VENV)/.installed system-packages
 	$(PY) -m training --if-missing
 	$(PY) -m benchmarks.inprocess
 	$(PY) -m benchmarks.http
 	$(PY) -m benchmarks.profile
+	$(PY) -m benchmarks.startup
+	$(PY) -m benchmarks.jobs
 
 ## Locust profiles against a running service (make serve first); HOST=http://... to target another.
 HOST ?= http://localhost:3000
@@ -91,7 +102,13 @@ load-smoke load load-stress: $(VENV)/.installed
 	$(PY) -m tests.load.run $(patsubst load-%,%,$@) --host $(HOST)
 
 ## Build the Bento and a real container image here (no Docker: debootstrap + buildah), smoke-test it.
-image: $(VENV)/.installed
+image: $(VENV)/.installed image-tools
 	$(PY) -m training --if-missing
 	$(VENV)/bin/bentoml build
 	deploy/image/build.sh
+
+## The same for the fallback Bento (bentofile.full.yaml: + scikit-learn, XGBoost, LightGBM, pandas).
+image-full: $(VENV)/.installed image-tools
+	$(PY) -m training --if-missing
+	$(VENV)/bin/bentoml build -f bentofile.full.yaml
+	deploy/image/build.sh --bento bank_churn_full:latest

@@ -9,15 +9,17 @@ the async methods here only submit and await.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from models.predictor import Predictor
 from models.schema import validate_rows
 from serving import telemetry
 from serving.concurrency import InferencePool, MicroBatcher
 from serving.settings import Settings
+
+if TYPE_CHECKING:  # service.py imports this module in the `bentoml serve` arbiter too: no NumPy there
+    import numpy as np
+
+    from models.predictor import Predictor
 
 
 class Engine:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,11 @@ import yaml
 from tests.helpers import ROOT
 
 
-@pytest.fixture(scope="module")
-def bento(trained):
+def _build(trained, *args: str) -> Path:
     env = {**os.environ, "BANKCHURN_MODEL_TAG": str(trained.model.tag), "BENTOML_DO_NOT_TRACK": "true"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # bentoml build calls uv
     proc = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        [sys.executable, "-m", "bentoml", "build", *args, "--output", "tag"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -31,6 +31,16 @@ def bento(trained):
         [sys.executable, "-m", "bentoml", "get", tag, "-o", "path"], env=env, capture_output=True, text=True, check=True
     ).stdout.strip()
     return Path(path)
+
+
+@pytest.fixture(scope="module")
+def bento(trained):
+    return _build(trained)
+
+
+@pytest.fixture(scope="module")
+def full_bento(trained):
+    return _build(trained, "-f", "bentofile.full.yaml")
 
 
 def test_bento_packs_the_trained_model(bento, trained):
@@ -83,3 +93,24 @@ def test_exported_requirements_match_the_lock(name, extra):
         check=True,
     )
     assert proc.stdout == (ROOT / "requirements" / name).read_text(), f"requirements/{name} is stale: run `make lock`"
+
+
+def test_dockerfile_installs_no_compiler_and_a_pinned_uv(bento):
+    """deploy/image/Dockerfile.template drops BentoML's `apt-get install build-essential git`
+    and pins uv to the version the dev venv uses (uv.lock), instead of the newest."""
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "build-essential" not in dockerfile and "apt-get" not in dockerfile
+    assert f"uv=={version('uv')}" in dockerfile
+    assert "compileall" in (bento / "env" / "docker" / "setup_script").read_text()
+
+
+def test_full_bento_adds_the_sklearn_stack_without_nccl(full_bento, bento):
+    info = yaml.safe_load((full_bento / "bento.yaml").read_text())
+    assert info["name"] == "bank_churn_full" and info["service"] == "service:BankChurn"
+    pins = _pins((full_bento / "env" / "python" / "requirements.txt").read_text())
+    assert pins == _pins((ROOT / "requirements" / "full.txt").read_text())
+    names = {p.split("==")[0] for p in pins if "linux" in p or ";" not in p}
+    assert {"scikit-learn", "xgboost-cpu", "lightgbm", "pandas", "joblib"} <= names
+    assert not {n for n in names if n.startswith("nvidia-nccl")} and "xgboost" not in names
+    dockerfile = (full_bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "libgomp1" in dockerfile and "build-essential" not in dockerfile

@@ -103,3 +103,38 @@ def test_hot_route_spans_continue_the_callers_trace(client):
         span = spans[f"bank_churn.{stage}"]
         assert span.context.trace_id == server.context.trace_id
     assert spans["bank_churn.featurize"].parent.span_id == server.context.span_id
+
+
+TRAINING_STACK = ("sklearn", "xgboost", "lightgbm", "pandas", "scipy", "joblib")
+_IMPORTS = """
+import asyncio, json, sys
+import service
+arbiter = sorted(m for m in {stack} + ("onnxruntime", "numpy") if m in sys.modules)
+svc = service.BankChurn()
+from models.schema import EXAMPLE_CUSTOMER, Customer
+asyncio.run(svc.predict(customer=Customer(**EXAMPLE_CUSTOMER), explain=True))
+asyncio.run(svc.explain(customer=Customer(**EXAMPLE_CUSTOMER)))
+worker = sorted(m for m in {stack} if m in sys.modules)
+print(json.dumps({{"arbiter": arbiter, "worker": worker, "backend": svc.predictor.backend}}))
+"""
+
+
+@pytest.mark.parametrize(("use_compiled", "worker_imports"), [("true", []), ("false", ["joblib", "sklearn"])])
+def test_serving_imports_only_what_its_backend_needs(trained, use_compiled, worker_imports):
+    """What `bentoml serve` imports: the arbiter (`import service`) checks the model without
+    loading it (no ONNX Runtime, no NumPy, no scikit-learn); the worker serving the compiled model,
+    explanations included, never imports the training stack; the fallback does."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BANKCHURN_MODEL_TAG": str(trained.model.tag), "BANKCHURN_USE_COMPILED": use_compiled}
+    code = _IMPORTS.format(stack=repr(TRAINING_STACK))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["arbiter"] == []
+    assert found["backend"] == ("onnxruntime" if use_compiled == "true" else "sklearn")
+    assert set(worker_imports) <= set(found["worker"])
+    if use_compiled == "true":
+        assert found["worker"] == []

@@ -9,7 +9,8 @@
 #   --skip-smoke         only build the image
 #   --skip-build         smoke-test the already built image <image>:<bento version>
 #   --image NAME         image name (default localhost/<bento name>; tagged :<version> and :latest)
-#   --base-image NAME    local base image (default localhost/bank-churn-base:bookworm)
+#   --base-image NAME    local base image (default: make-base.sh's, tagged by its recipe:
+#                        localhost/bank-churn-base:bookworm-<recipe>; built or loaded from its cache)
 #   --read-only          smoke-test like Kubernetes readOnlyRootFilesystem: root fs mounted
 #                        read-only, a tmpfs at /tmp (combine with --env BENTOML_HOME=/tmp/bentoml)
 #   --env KEY=VALUE      extra environment variable for the smoke-test container (repeatable)
@@ -19,12 +20,19 @@
 #                        PyPI through a TLS-intercepting proxy; "none" to disable
 #                        (default: /etc/ssl/certs/ca-certificates.crt when it exists)
 #   --keep               keep the smoke-test working container and the logs (for debugging)
+#   --layers             commit one layer per Dockerfile step, as Docker does (buildah's default
+#                        is one layer for the whole build), for a per-step size report; on vfs
+#                        each layer is a full copy of the root fs (~6 GB for the lean image)
+#   --hold               after the smoke test, keep serving until standard input closes (or a
+#                        line is read), then stop and report: lets a caller test the running
+#                        image (tests/test_container.py). Prints "SERVING <url>" when ready.
 #
 # Steps: (a) deploy/image/make-base.sh (debootstrap base image, cached);
 #        (b) `bentoml containerize --backend buildah` with buildah's `--from` replacing the
 #            Dockerfile's `FROM python:3.11-slim` by the local base image;
 #        (c) `buildah run --isolation chroot` of the image's own ENTRYPOINT/CMD as its USER;
-#        (d) GET /readyz, POST /predict, SIGTERM, report size / timings / written paths.
+#        (d) GET /readyz, POST /predict, SIGTERM, report size / layers / packages /
+#            timings / written paths.
 # Storage driver vfs, isolation chroot. Needs root, buildah, debootstrap, curl.
 set -Eeuo pipefail
 
@@ -36,18 +44,20 @@ PORT=3000
 SMOKE=1
 BUILD=1
 IMAGE=""
-BASE_IMAGE="${BASE_IMAGE:-localhost/bank-churn-base:bookworm}"
+BASE_IMAGE="${BASE_IMAGE:-}"
 READ_ONLY=0
 READY_TIMEOUT=300
 STOP_TIMEOUT=30
 CA_BUNDLE="/etc/ssl/certs/ca-certificates.crt"
 KEEP=0
+HOLD=0
+LAYERS=0
 EXTRA_ENV=()
 PAYLOAD='{"customer": {"CreditScore": 619, "Geography": "France", "Gender": "Female", "Age": 42, "Tenure": 2, "Balance": 0.0, "NumOfProducts": 1, "HasCrCard": 1, "IsActiveMember": 1, "EstimatedSalary": 101348.88}}'
 
 die() { echo "build.sh: ERROR: $*" >&2; exit 1; }
 log() { echo "build.sh: $*" >&2; }
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 need_val() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 
 while [[ $# -gt 0 ]]; do
@@ -70,6 +80,8 @@ while [[ $# -gt 0 ]]; do
     --ca-bundle) need_val "$@"; CA_BUNDLE="$2"; shift 2 ;;
     --ca-bundle=*) CA_BUNDLE="${1#*=}"; shift ;;
     --keep) KEEP=1; shift ;;
+    --hold) HOLD=1; shift ;;
+    --layers) LAYERS=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
@@ -81,6 +93,7 @@ for kv in "${EXTRA_ENV[@]+"${EXTRA_ENV[@]}"}"; do [[ "$kv" == *=* ]] || die "--e
 
 # shellcheck source=deploy/image/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+BASE_IMAGE="${BASE_IMAGE:-$("$HERE/make-base.sh" --print-image)}"
 command -v curl >/dev/null || die "curl not found: apt-get install curl"
 if [[ -n "${BENTOML_BIN:-}" ]]; then :;
 elif [[ -x "$REPO/.venv/bin/bentoml" ]]; then BENTOML_BIN="$REPO/.venv/bin/bentoml";
@@ -105,7 +118,7 @@ BUILD_LOG="$WORK/build.log"
 RUN_LOG="$WORK/container.log"
 
 # state used by cleanup()
-RUN_PID=""; MAIN_PID=""; CTR=""; RO_MNT=""; ROOTFS_BYTES=""
+RUN_PID=""; MAIN_PID=""; CTR=""; RO_MNT=""; ROOTFS_BYTES=""; PACKAGES=""; IMAGE_PYTHON=""; CONTENTS=""; LARGEST=""
 cleanup() {
   local rc=$?
   set +e
@@ -147,8 +160,10 @@ secs() { "$PY" -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):
 build_image() {
   # ---------------------------------------------------------------- (a) base image
   t_base0="$(now)"
-  if buildah inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then BASE_STATE="cached"; else BASE_STATE="built"; fi
-  "$HERE/make-base.sh" --image "$BASE_IMAGE" || die "base image step failed (deploy/image/make-base.sh)"
+  "$HERE/make-base.sh" --image "$BASE_IMAGE" 2>&1 | tee "$WORK/base.log" >&2 || die "base image step failed (deploy/image/make-base.sh)"
+  if grep -q "is in buildah's storage" "$WORK/base.log"; then BASE_STATE="in buildah storage"
+  elif grep -q "loaded from the cache" "$WORK/base.log"; then BASE_STATE="loaded from the cache archive"
+  else BASE_STATE="built with debootstrap"; fi
   BASE_SECONDS="$(secs "$t_base0" "$(now)")"
 
   # ---------------------------------------------------------------- (b) Bento image
@@ -157,6 +172,7 @@ build_image() {
   # buildah's --from replaces the first FROM (python:3.11-slim) with the local base image.
   opts=(--opt "from=$BASE_IMAGE" --opt isolation=chroot --opt "storage-driver=$STORAGE_DRIVER"
         --opt "iidfile=$WORK/iid")
+  [[ $LAYERS -eq 1 ]] && opts+=(--opt layers)
   if [[ "$CA_BUNDLE" != "none" && -f "$CA_BUNDLE" ]]; then
     opts+=(--opt "volume=$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
     log "build-time CA bundle: $CA_BUNDLE (bind-mounted read-only during RUN steps; not stored in the image)"
@@ -166,7 +182,9 @@ build_image() {
   old_id="$(buildah inspect --type image --format '{{.FromImageID}}' "$IMAGE_REF" 2>/dev/null || true)"
   log "building $IMAGE_REF with bentoml containerize --backend buildah (log: $BUILD_LOG)"
   t_build0="$(now)"
-  if ! "$BENTOML_BIN" containerize "$BENTO_TAG" --backend buildah -t "$IMAGE_REF" "${opts[@]}" >"$BUILD_LOG" 2>&1 \
+  # Run from the directory that holds its temporary build context: with a dockerfile_template,
+  # bentoml 1.4.39 refuses a template outside the working directory (BentoML issue #5566).
+  if ! (cd "$WORK" && TMPDIR="$WORK" "$BENTOML_BIN" containerize "$BENTO_TAG" --backend buildah -t "$IMAGE_REF" "${opts[@]}") >"$BUILD_LOG" 2>&1 \
      || [[ ! -s "$WORK/iid" ]]; then
     grep -E '^(INFO: )?(Error|error):|ERROR|No matching distribution|Could not|failed' "$BUILD_LOG" | tail -n 8 >&2 || true
     die "image build failed: $(grep -E '^(INFO: )?Error: ' "$BUILD_LOG" | tail -n1 | sed 's/^INFO: //' || echo 'see log') (full log: $BUILD_LOG)"
@@ -195,6 +213,12 @@ report() {
   echo "bento:            $BENTO_TAG"
   echo "image:            $IMAGE_REF (also $IMAGE:latest) id ${IMAGE_ID:0:12}"
   echo "image size:       $SIZE_HUMAN (uncompressed)${ROOTFS_BYTES:+; root fs $ROOTFS_BYTES bytes}"
+  echo "layers (uncompressed; python3 deploy/image/layers.py $IMAGE_REF):"
+  "$PY" "$HERE/layers.py" "$IMAGE_ID" | sed 's/^/  /' || echo "  (could not read the layer sizes)"
+  [[ -n "$CONTENTS" ]] && echo "above the base:   $CONTENTS"
+  [[ -n "$LARGEST" ]] && echo "largest packages: $LARGEST"
+  [[ -n "$PACKAGES" ]] && echo "python packages:  $PACKAGES"
+  [[ -n "$IMAGE_PYTHON" ]] && echo "image python:     $IMAGE_PYTHON"
   if [[ $BUILD -eq 0 ]]; then
     echo "build time:       skipped (--skip-build)"
   else
@@ -228,6 +252,23 @@ USER_NAME="${cfg[0]:-root}"; ENTRY=("${cfg[@]:1}")
 CTR="$(buildah from --pull=never --name "bank-churn-smoke-$$" "$IMAGE_ID")" || die "buildah from $IMAGE_ID failed"
 MNT="$(buildah mount "$CTR")" || die "buildah mount $CTR failed"
 ROOTFS_BYTES="$(du -sb --exclude=./proc --exclude=./sys "$MNT" 2>/dev/null | cut -f1 || true)"
+# What the image's venv holds (name==version, as pip would list it) and its Python version.
+PACKAGES="$("$PY" - "$MNT" <<'PYEOF'
+import email, pathlib, re, sys
+found = []
+for meta in pathlib.Path(sys.argv[1]).glob("app/.venv/lib/python3*/site-packages/*.dist-info/METADATA"):
+    msg = email.message_from_bytes(meta.read_bytes())
+    found.append(f"{re.sub(r'[-_.]+', '-', msg['Name']).lower()}=={msg['Version']}")
+print(" ".join(sorted(found)))
+PYEOF
+)" || PACKAGES=""
+IMAGE_PYTHON="$(chroot "$MNT" /app/.venv/bin/python -B -c 'import platform; print(platform.python_version())' 2>/dev/null || true)"
+# What the layers on top of the base hold, by the Dockerfile step that wrote it (buildah
+# commits the whole build as one layer; Docker would make one per step), and the largest packages.
+mb() { du -sm "$@" 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+SITE="$(ls -d "$MNT"/app/.venv/lib/python3*/site-packages 2>/dev/null | head -n1)"
+CONTENTS="venv /app/.venv $(mb "$MNT/app/.venv") MB; uv $(mb "$MNT/usr/local/bin/uv" "$MNT/usr/local/bin/uvx") MB; bento (code + model) $(mb "$MNT/home/bentoml/bento") MB"
+[[ -n "$SITE" ]] && LARGEST="$(cd "$SITE" && du -sm -- * 2>/dev/null | sort -rn | head -n 8 | awk '{printf "%s%s %s MB", (NR > 1 ? ", " : ""), $2, $1}')"
 EXPECTED_UID="$(awk -F: -v u="$USER_NAME" '$1==u || $3==u {print $3; exit}' "$MNT/etc/passwd")"
 [[ -n "$EXPECTED_UID" ]] || die "image USER '$USER_NAME' not found in the image's /etc/passwd"
 
@@ -297,6 +338,13 @@ p = d["churn_probability"]
 assert isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and 0.0 <= p <= 1.0, p
 print(p)' "$PRED_BODY" 2>/dev/null)" || die "POST /predict 200 but no churn_probability in [0,1]: $PRED_TEXT"
 log "POST /predict 200: $PRED_TEXT"
+
+if [[ $HOLD -eq 1 ]]; then
+  # A caller tests the running image, then closes our standard input (or writes a line).
+  echo "SERVING http://127.0.0.1:$PORT"
+  log "--hold: serving at http://127.0.0.1:$PORT until standard input closes"
+  read -r _ || true
+fi
 
 # What did the server write? New/changed paths in the root fs (+ the /tmp tmpfs when --read-only).
 WRITES="$WORK/writes.txt"

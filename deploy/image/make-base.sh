@@ -4,17 +4,27 @@
 # storage. No Docker engine or container registry is needed: only Debian packages.
 #
 #   deploy/image/make-base.sh [--image NAME] [--mirror URL] [--force] [--no-upgrade]
+#                             [--cache-dir DIR | --no-cache] [--print-image]
 #
-# Skips all work if NAME already exists in buildah's storage (use --force to rebuild).
+# The image is tagged by its recipe (this file's SHA-256): localhost/bank-churn-base:bookworm-<recipe>,
+# so a changed recipe is a new image, never a stale one. In order, it:
+#   1. does nothing if that image is already in buildah's storage (--force rebuilds);
+#   2. else loads it from the cache, DIR/bank-churn-base-bookworm-<recipe>.oci.tar (an OCI archive;
+#      DIR = $BANK_CHURN_IMAGE_CACHE, default ~/.cache/bank-churn/images): what a CI cache keeps;
+#   3. else builds it (debootstrap, ~2-3 min) and writes that archive.
+# --print-image prints the image name for this recipe and exits.
 # Storage driver: vfs (STORAGE_DRIVER), isolation: chroot (BUILDAH_ISOLATION).
 set -Eeuo pipefail
 
-IMAGE="${BASE_IMAGE:-localhost/bank-churn-base:bookworm}"
+RECIPE_HASH="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)"
+IMAGE="${BASE_IMAGE:-localhost/bank-churn-base:bookworm-$RECIPE_HASH}"
+CACHE_DIR="${BANK_CHURN_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bank-churn/images}"
 SUITE="bookworm"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
 FORCE=0
 UPGRADE=1
+PRINT=0
 
 die() { echo "make-base.sh: ERROR: $*" >&2; exit 1; }
 log() { echo "make-base.sh: $*" >&2; }
@@ -29,40 +39,49 @@ while [[ $# -gt 0 ]]; do
     --mirror=*) MIRROR="${1#*=}"; shift ;;
     --force) FORCE=1; shift ;;
     --no-upgrade) UPGRADE=0; shift ;;
+    --cache-dir) [[ $# -ge 2 ]] || die "--cache-dir needs a value"; CACHE_DIR="$2"; shift 2 ;;
+    --cache-dir=*) CACHE_DIR="${1#*=}"; shift ;;
+    --no-cache) CACHE_DIR=""; shift ;;
+    --print-image) PRINT=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 
+if [[ $PRINT -eq 1 ]]; then echo "$IMAGE"; exit 0; fi
+
 # shellcheck source=deploy/image/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# Packages on top of debootstrap's minbase. python3/python3-venv/python3-pip give
-# python3.11 + pip + venv; ca-certificates/netbase/tzdata match python:*-slim; the
-# rest is what BentoML's generated Dockerfile apt-installs in its first RUN step
-# (ca-certificates gnupg2 bash build-essential git), pre-installed here so that step
-# is a fast no-op; libgomp1 is needed by lightgbm/xgboost wheels.
+# Packages on top of debootstrap's minbase: what python:3.11-slim has and serving needs.
+# python3/python3-venv/python3-pip give python3.11 + pip + venv (the Dockerfile pip-installs
+# uv, then makes a venv); ca-certificates/netbase/tzdata as in python:*-slim; bash, passwd
+# (groupadd/useradd) and procps for the Dockerfile's steps and the entrypoint. No compiler,
+# git or headers: every package installs from a wheel, and the Bento's Dockerfile template
+# (deploy/image/Dockerfile.template) drops BentoML's `apt-get install build-essential git`.
 PACKAGES=(
-  python3 python3-venv python3-pip python3-dev
+  python3 python3-venv python3-pip
   ca-certificates netbase tzdata
-  bash gnupg2 build-essential git libgomp1
-  passwd procps
+  bash passwd procps
 )
-
-# Recipe fingerprint: lets a later run warn that a cached image is stale.
-RECIPE_HASH="$(sha256sum "$0" | cut -c1-16)"
+ARCHIVE="${CACHE_DIR:+$CACHE_DIR/$(basename "${IMAGE%%:*}")-${IMAGE##*:}.oci.tar}"
 
 if buildah inspect --type image "$IMAGE" >/dev/null 2>&1; then
   if [[ $FORCE -eq 0 ]]; then
-    have="$(buildah inspect --type image --format '{{index .ImageAnnotations "bank-churn.base.recipe"}}' "$IMAGE" 2>/dev/null || true)"
-    if [[ -n "$have" && "$have" != "$RECIPE_HASH" ]]; then
-      log "WARNING: $IMAGE was built by a different make-base.sh (recipe $have != $RECIPE_HASH); rerun with --force to rebuild"
-    fi
-    log "base image $IMAGE already exists, skipping debootstrap (use --force to rebuild)"
+    log "base image $IMAGE (recipe $RECIPE_HASH) is in buildah's storage"
     exit 0
   fi
   log "--force: rebuilding $IMAGE"
   old_id="$(buildah inspect --type image --format '{{.FromImageID}}' "$IMAGE" 2>/dev/null || true)"
+elif [[ -n "$ARCHIVE" && -s "$ARCHIVE" && $FORCE -eq 0 ]]; then
+  t0=$(date +%s)
+  if id="$(buildah pull --quiet "oci-archive:$ARCHIVE" 2>/dev/null | tail -n1)" && [[ -n "$id" ]] \
+     && [[ "$(buildah inspect --type image --format '{{index .OCIv1.Config.Labels "bank-churn.base.recipe"}}' "$id")" == "$RECIPE_HASH" ]] \
+     && buildah tag "$id" "$IMAGE"; then
+    log "base image $IMAGE loaded from the cache $ARCHIVE in $(( $(date +%s) - t0 ))s"
+    exit 0
+  fi
+  log "WARNING: could not load $ARCHIVE; building the base image instead"
 fi
 
 start=$(date +%s)
@@ -168,7 +187,7 @@ buildah config \
   --os linux --arch "$(dpkg --print-architecture)" \
   --label org.opencontainers.image.title="bank-churn-base" \
   --label org.opencontainers.image.description="debootstrap $SUITE minbase + python$pyfull; local stand-in for python:3.11-slim" \
-  --annotation bank-churn.base.recipe="$RECIPE_HASH" \
+  --label bank-churn.base.recipe="$RECIPE_HASH" \
   "$ctr"
 
 # Sanity: the tools the generated Dockerfile's RUN steps call.
@@ -186,3 +205,12 @@ ctr=""
 if [[ -n "${old_id:-}" ]]; then buildah rmi "$old_id" >/dev/null 2>&1 || true; fi
 size="$(buildah images --format '{{.Size}}' "$IMAGE" | sed -n 1p)"
 log "built $IMAGE (python $pyfull, $size) in $(( $(date +%s) - start ))s"
+if [[ -n "$ARCHIVE" ]]; then
+  mkdir -p "$CACHE_DIR"
+  rm -f "$ARCHIVE.tmp"
+  if buildah push --quiet "$IMAGE" "oci-archive:$ARCHIVE.tmp:$IMAGE" >/dev/null 2>&1 && mv -f "$ARCHIVE.tmp" "$ARCHIVE"; then
+    log "cached as $ARCHIVE ($(du -h "$ARCHIVE" | cut -f1))"
+  else
+    rm -f "$ARCHIVE.tmp"; log "WARNING: could not write the cache archive $ARCHIVE (the image is built all the same)"
+  fi
+fi
