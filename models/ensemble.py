@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from lightgbm import LGBMClassifier
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier, StackingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -130,6 +132,34 @@ def build_base_learners(
     return [(name, build_learner(name, p, seed)) for name, p in resolve_params(params, fast).items()]
 
 
+class LogOdds(TransformerMixin, BaseEstimator):
+    """log(p) - log(1 - p) of each column, with p clipped to [eps, 1 - eps] (a forest's
+    probability can be exactly 0 or 1).
+
+    The meta-learner sees the base learners' log-odds rather than their probabilities: a
+    logistic regression on log-odds can reproduce any single learner exactly (weight 1, the
+    rest 0) and pools them log-linearly, where on probabilities it cannot (measured: the stack's
+    cross-validated Brier score went from worse than LightGBM's alone to better; see README).
+    """
+
+    def __init__(self, eps: float = 1e-6):
+        self.eps = eps
+
+    def fit(self, X, y=None):
+        self.n_features_in_ = np.asarray(X).shape[1]
+        return self
+
+    def transform(self, X):
+        # The compiled graph (models.compiler) evaluates exactly this: Clip, Log, Sub.
+        p = np.clip(np.asarray(X, dtype=np.float64), self.eps, 1.0 - self.eps)
+        return np.log(p) - np.log(1.0 - p)
+
+
+def build_meta_learner() -> Pipeline:
+    """The stack's final estimator: a logistic regression on the base learners' log-odds."""
+    return Pipeline([("log_odds", LogOdds()), ("lr", LogisticRegression(max_iter=1000))])
+
+
 def build_pipeline(
     seed: int = 42,
     fast: bool = False,
@@ -138,7 +168,8 @@ def build_pipeline(
 ) -> Pipeline:
     """Unfitted Pipeline: one-hot encoding of the categories, then the stacking classifier.
 
-    The meta-learner is fitted on out-of-fold base-learner probabilities from stratified folds.
+    The meta-learner is fitted on the log-odds of out-of-fold base-learner probabilities from
+    stratified folds.
     """
     prep = ColumnTransformer(
         [
@@ -157,7 +188,7 @@ def build_pipeline(
     )
     stack = StackingClassifier(
         estimators=base_learners or build_base_learners(seed, fast, params),
-        final_estimator=LogisticRegression(max_iter=1000),
+        final_estimator=build_meta_learner(),
         cv=StratifiedKFold(n_splits=_FOLDS["fast" if fast else "full"], shuffle=True, random_state=seed),
         stack_method="predict_proba",
         n_jobs=1,

@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Mapping
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
@@ -26,21 +27,25 @@ from models.ensemble import BASE_LEARNERS, build_pipeline, resolve_params
 from models.schema import FEATURE_NAMES, TARGET
 from training.data import DEFAULT_DATA, development_part, file_sha256, load_data, stratify_split
 from training.evaluate import HIGHER_IS_BETTER, PROBABILITY_METRICS, score_probabilities
-from training.records import CV_FILE, command_line, load_params, params_sha256, provenance, read_json, write_json
+from training.records import CV_FILE, command_line, load_params, pipeline_sha256, provenance, read_json, write_json
 
 LEARNERS: tuple[str, ...] = ("stack", *BASE_LEARNERS)
 
 
-def cv_key(data_sha256: str, seed: int, test_size: float, rows: int, resolved: dict, folds: int, repeats: int) -> dict:
-    """What an estimate was measured on; training uses a stored estimate only if this matches."""
+def cv_key(
+    data_sha256: str, seed: int, test_size: float, rows: int, fast: bool, params, folds: int, repeats: int
+) -> dict:
+    """What an estimate was measured on: training uses a stored estimate only if this matches
+    (the data, the split, the CV scheme, the whole unfitted pipeline and the library versions)."""
     return {
         "data_sha256": data_sha256,
         "seed": seed,
         "test_size": test_size,
         "rows": rows,
-        "params_sha256": params_sha256(resolved),
         "folds": folds,
         "repeats": repeats,
+        "pipeline_sha256": pipeline_sha256(build_pipeline(seed, fast, params=params)),
+        "libraries": {lib: version(lib) for lib in ("scikit-learn", "xgboost", "lightgbm", "numpy")},
     }
 
 
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(cv_table(cv))
     print(f"\n{cv['scheme']['seconds']:.0f}s")
     if a.write and not a.default_params:
-        key = cv_key(file_sha256(a.data), a.seed, a.test_size, len(X), resolved, a.folds, a.repeats)
+        key = cv_key(file_sha256(a.data), a.seed, a.test_size, len(X), a.fast, params, a.folds, a.repeats)
         record = {
             "provenance": provenance(command_line("training.cv", argv)),
             "key": key,

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from models.ensemble import BASE_LEARNERS, build_learner, build_pipeline, resolve_params
+from models.ensemble import BASE_LEARNERS, build_learner, build_meta_learner, build_pipeline, resolve_params
 from models.schema import FEATURE_NAMES, TARGET
 from training.data import DEFAULT_DATA, development_part, load_data, stratify_split
 from training.groups import AGE_BANDS
@@ -68,13 +67,13 @@ LINEAR_ONLY = "age_bands + products_one_hot, logistic learner only"
 
 
 def _stack_proxy(oof: dict[str, np.ndarray], y: np.ndarray, held: np.ndarray) -> float:
-    """ROC AUC on the `held` rows of the meta-learner (LogisticRegression on the learners'
-    P(churn)) fitted on the other rows' out-of-fold probabilities: a cheap stand-in for refitting
-    the whole stack (with its inner folds) per fold."""
+    """ROC AUC on the `held` rows of the stack's meta-learner (models.ensemble.build_meta_learner)
+    fitted on the other rows' out-of-fold probabilities: a cheap stand-in for refitting the whole
+    stack (with its inner folds) per fold."""
     Z = np.column_stack([oof[n] for n in BASE_LEARNERS])
     fit = np.ones(len(y), bool)
     fit[held] = False
-    meta = LogisticRegression(max_iter=1000).fit(Z[fit], y[fit])
+    meta = build_meta_learner().fit(Z[fit], y[fit])
     return float(roc_auc_score(y[held], meta.predict_proba(Z[held])[:, 1]))
 
 

@@ -102,8 +102,7 @@ def estimate_by_cv(cfg: TrainConfig, splits: Splits, params: dict, log: Callable
     committed one (python -m training.cv) when it matches, else measured now."""
     folds, repeats = cfg.cv_scheme
     dev = development_part(splits)
-    resolved = resolve_params(params, cfg.fast)
-    key = cv_key(file_sha256(Path(cfg.data)), cfg.seed, cfg.test_size, len(dev), resolved, folds, repeats)
+    key = cv_key(file_sha256(Path(cfg.data)), cfg.seed, cfg.test_size, len(dev), cfg.fast, params, folds, repeats)
     stored = stored_estimate(key)
     if stored is not None:
         log(f"  using the stored estimate ({stored['source']['file']}, {stored['source']['command']})")

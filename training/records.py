@@ -31,6 +31,28 @@ def params_sha256(resolved: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
 
 
+def pipeline_sha256(estimator: Any) -> str:
+    """Fingerprint of an unfitted estimator: its class and every parameter, nested estimators
+    included (so a change of meta-learner, fold count or any hyperparameter changes it)."""
+    return hashlib.sha256(json.dumps(_describe(estimator), sort_keys=True).encode()).hexdigest()
+
+
+def _describe(value: Any) -> Any:
+    if hasattr(value, "get_params") and not isinstance(value, type):
+        params = value.get_params(deep=False)
+        return {
+            "class": f"{type(value).__module__}.{type(value).__qualname__}",
+            **{k: _describe(v) for k, v in params.items()},
+        }
+    if isinstance(value, list | tuple):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)  # e.g. StratifiedKFold(n_splits=5, random_state=42, shuffle=True)
+
+
 def provenance(command: str) -> dict[str, str]:
     """Where a figure comes from: the command, the commit, the machine and the date."""
     try:

@@ -255,7 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.cv:
         from training import cv
 
-        cv.main(["--data", a.data, "--seed", str(a.seed), "--test-size", str(a.test_size)])
+        # The same data and split; options left at their defaults stay off the recorded command.
+        defaults = vars(parse_args([]))
+        cv_argv = [
+            x
+            for name in ("data", "seed", "test_size")
+            if vars(a)[name] != defaults[name]
+            for x in (f"--{name.replace('_', '-')}", str(vars(a)[name]))
+        ]
+        cv.main(cv_argv)
     print(f"tuning command: {time.perf_counter() - start:.0f}s")
     return 0
 
