@@ -14,7 +14,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Mapping
-from importlib.metadata import version
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,21 @@ from training.records import CV_FILE, command_line, load_params, pipeline_sha256
 LEARNERS: tuple[str, ...] = ("stack", *BASE_LEARNERS)
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics the estimate depends on (module versions: the
+    XGBoost distribution is xgboost-cpu on Linux, xgboost elsewhere)."""
+    import lightgbm
+    import sklearn
+    import xgboost
+
+    return {
+        "scikit-learn": sklearn.__version__,
+        "xgboost": xgboost.__version__,
+        "lightgbm": lightgbm.__version__,
+        "numpy": np.__version__,
+    }
+
+
 def cv_key(
     data_sha256: str, seed: int, test_size: float, rows: int, fast: bool, params, folds: int, repeats: int
 ) -> dict:
@@ -45,7 +59,7 @@ def cv_key(
         "folds": folds,
         "repeats": repeats,
         "pipeline_sha256": pipeline_sha256(build_pipeline(seed, fast, params=params)),
-        "libraries": {lib: version(lib) for lib in ("scikit-learn", "xgboost", "lightgbm", "numpy")},
+        "libraries": library_versions(),
     }
 
 
