@@ -58,8 +58,8 @@ def provenance(command: str) -> dict[str, str]:
     try:
         git = ["git", "-C", str(HERE)]
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        # Code changes only: the files these commands write are not the code that produced them.
-        code = ["--", ":(top)*.py", ":(top)pyproject.toml", ":(top)uv.lock"]
+        # Code changes only (not tests): the files these commands write are not what produced them.
+        code = ["--", ":(top)*.py", ":(top)pyproject.toml", ":(top)uv.lock", ":(top,exclude)tests"]
         dirty = subprocess.run(
             [*git, "status", "--porcelain", "--untracked-files=no", *code], capture_output=True, text=True, check=True
         )
