@@ -10,16 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.ensemble import BASE_LEARNERS, resolve_params
+from models.ensemble import BASE_LEARNERS, FAST_TREES, TUNABLE, resolve_params
 from models.schema import FEATURE_NAMES, TARGET, schema_dict
 from models.store import PIPELINE_FILE, get_stored, load_bundle
 from training.__main__ import parse_args
-from training.cv import LEARNERS, cross_validate
+from training.cv import LEARNERS, cross_validate, cv_key, stored_estimate
+from training.data import DEFAULT_DATA, file_sha256
 from training.decision import CostModel, capture_rate, choose_ev_threshold, value_curve
 from training.evaluate import PROBABILITY_METRICS, churn_proba
 from training.groups import GROUP_FEATURES, GROUP_METRICS, age_band, group_gaps, group_metrics
 from training.pipeline import TrainConfig, check_metadata, train
-from training.records import params_sha256
+from training.records import CV_FILE, PARAMS_FILE, load_params, params_sha256, read_json
 
 REPORT_FILES = ("report.json", "report.md", "roc.png", "precision_recall.png", "calibration.png", "gains.png")
 
@@ -304,6 +305,21 @@ def test_cross_validation_scores_every_learner_on_paired_folds(dataset):
     check_metadata(cv)
 
 
+def test_committed_estimate_is_the_one_default_training_uses():
+    record = read_json(CV_FILE)
+    assert record is not None, f"{CV_FILE.name} missing: run python -m training.cv"
+    params = load_params()
+    assert record["params"] == resolve_params(params)
+    # The key `python -m training` computes for its default run (8,000 development rows, 5x3).
+    key = cv_key(file_sha256(DEFAULT_DATA), 42, 0.2, 8000, False, params, 5, 3)
+    assert stored_estimate(key) is not None, "the committed estimate is stale: run python -m training.cv"
+    # Anything else is another measurement: another seed, scheme, or model.
+    assert stored_estimate({**key, "seed": 43}) is None
+    assert stored_estimate({**key, "repeats": 1}) is None
+    changed = {**params, "logistic": {"C": 123.0}}
+    assert stored_estimate(cv_key(file_sha256(DEFAULT_DATA), 42, 0.2, 8000, False, changed, 5, 3)) is None
+
+
 # ---------------------------------------------------------------- tuned hyperparameters
 
 
@@ -319,3 +335,17 @@ def test_cross_validation_scores_every_learner_on_paired_folds(dataset):
 def test_params_outside_what_the_compiler_reproduces_are_refused(params, error):
     with pytest.raises(ValueError, match=error):
         resolve_params(params)
+
+
+def test_committed_params_are_valid_and_fast_mode_caps_the_trees():
+    params = read_json(PARAMS_FILE)["params"]
+    assert set(params) <= set(BASE_LEARNERS)
+    for name, p in params.items():
+        assert set(p) <= TUNABLE[name]
+    fast = resolve_params(params, fast=True)
+    full = resolve_params(params)
+    for name in ("random_forest", "gradient_boosting", "xgboost", "lightgbm"):
+        assert fast[name]["n_estimators"] == min(full[name]["n_estimators"], FAST_TREES)
+        assert {k: v for k, v in fast[name].items() if k != "n_estimators"} == {
+            k: v for k, v in full[name].items() if k != "n_estimators"
+        }
