@@ -276,6 +276,8 @@ def decision_table(decision: dict[str, Any]) -> str:
             "|---|---|---|",
             *(f"| {name} | {fmt.format(a)} | {fmt.format(z)} |" for name, a, z, fmt in rows),
             "",
+            f"Offer cost {decision['offer_cost']:g}, value of a churner kept {decision['customer_value']:g}: an offer "
+            f"pays for itself above P(churn) = {decision['break_even_probability']:.3f} if the scores are calibrated. "
             f"Baselines on the test split: offer everyone {b['offer_everyone']:,.0f}, nobody 0, perfect targeting "
             f"{b['perfect_targeting']:,.0f}. On validation (where the threshold was chosen) the expected value is "
             f"{decision['validation']['expected_value']:,.0f}. Capture rate (share of churners among the top-scored "
@@ -351,7 +353,9 @@ def write_report(report: dict[str, Any], y_test: np.ndarray, evaluation: dict[st
         "",
         "Largest gaps: "
         + "; ".join(f"{m} {g['gap']:.3f} ({g['feature']}: {g['highest']} vs {g['lowest']})" for m, g in big.items())
-        + ". Small groups (see count) have wide error bars.",
+        + ". Positive-rate and recall gaps largely follow the groups' churn rates (shown): a threshold on a "
+        "calibrated churn probability offers more to groups that churn more. Small groups (see count) have wide "
+        "error bars.",
         "",
         "## Calibration",
         "",

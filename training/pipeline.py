@@ -128,12 +128,15 @@ def calibration_record(cv: dict[str, Any], test_brier: dict[str, float]) -> dict
     cal = cv["stack_calibration"]
     gain = cal["brier"] - min(cal["brier_platt"], cal["brier_isotonic"])
     needed = gain > CALIBRATION_GAIN * cal["brier"]
-    what = f"Recalibration fitted on other rows would lower the stack's out-of-fold Brier score by {gain:.5f} "
-    what += f"({gain / cal['brier']:.2%}; bar {CALIBRATION_GAIN:.0%})"
+    what = (
+        f"The better recalibration fitted on other rows (Platt or isotonic, 5-fold cross-fitted) changes the "
+        f"stack's out-of-fold Brier score by {-gain:+.5f} ({-gain / cal['brier']:+.2%}); a calibrator is added "
+        f"only if it lowers it by more than {CALIBRATION_GAIN:.0%}"
+    )
     if needed:
         verdict = what + ": the stack is miscalibrated."
     else:
-        verdict = what + ": no calibrator is added; the stack's logistic meta-learner already calibrates it."
+        verdict = what + ", so none is: the stack's meta-learner (a logistic regression) already calibrates it."
     return {
         "applied": "none" if not needed else "needed, not applied",
         "verdict": verdict,
