@@ -5,7 +5,7 @@ module; parity is checked on all 10,000 rows and on synthetic rows placed exactl
 ulp (double and float32) either side of, every split threshold of every tree, which is where a
 float32 or otherwise inexact translation flips branches. The parity tests run for the default
 hyperparameters and for the tuned ones (training/params.json, fast mode: every learner option
-the served model uses, with 20 trees per ensemble).
+the served model uses, with at most 20 trees per ensemble, 6 deep).
 """
 
 from __future__ import annotations

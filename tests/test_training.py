@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.ensemble import BASE_LEARNERS, FAST_TREES, TUNABLE, resolve_params
+from models.ensemble import BASE_LEARNERS, FAST_DEPTH, FAST_TREES, TUNABLE, resolve_params
 from models.schema import FEATURE_NAMES, TARGET, schema_dict
 from models.store import PIPELINE_FILE, get_stored, load_bundle
 from training.__main__ import parse_args
@@ -337,15 +337,18 @@ def test_params_outside_what_the_compiler_reproduces_are_refused(params, error):
         resolve_params(params)
 
 
-def test_committed_params_are_valid_and_fast_mode_caps_the_trees():
+def test_committed_params_are_valid_and_fast_mode_only_shrinks_the_trees():
     params = read_json(PARAMS_FILE)["params"]
     assert set(params) <= set(BASE_LEARNERS)
     for name, p in params.items():
         assert set(p) <= TUNABLE[name]
     fast = resolve_params(params, fast=True)
     full = resolve_params(params)
+    sizes = ("n_estimators", "max_depth")
     for name in ("random_forest", "gradient_boosting", "xgboost", "lightgbm"):
         assert fast[name]["n_estimators"] == min(full[name]["n_estimators"], FAST_TREES)
-        assert {k: v for k, v in fast[name].items() if k != "n_estimators"} == {
-            k: v for k, v in full[name].items() if k != "n_estimators"
+        if "max_depth" in full[name]:
+            assert fast[name]["max_depth"] == min(full[name]["max_depth"], FAST_DEPTH)
+        assert {k: v for k, v in fast[name].items() if k not in sizes} == {
+            k: v for k, v in full[name].items() if k not in sizes
         }
