@@ -199,7 +199,8 @@ class BankChurn:
 
     @bentoml.api(input_spec=NoInput)
     async def model_card(self) -> dict:
-        """The served model: tag, creation time, backend, metrics, threshold and schema."""
+        """The served model: tag, creation time, backend, metrics (test split and cross-validated),
+        the threshold and the money behind it, per-group metrics, calibration, tuning and schema."""
         meta = self.predictor.bundle.metadata
         return {
             "tag": self.tag,
@@ -210,6 +211,12 @@ class BankChurn:
             "threshold_rule": meta.get("threshold_rule"),
             "metrics": meta.get("metrics"),
             "base_learners_test_roc_auc": meta.get("base_learners_test_roc_auc"),
+            "cross_validation": meta.get("cross_validation"),
+            "decision": meta.get("decision"),
+            "group_metrics": meta.get("group_metrics"),
+            "group_gaps": meta.get("group_gaps"),
+            "calibration": meta.get("calibration"),
+            "tuning": meta.get("tuning"),
             "compiled": meta.get("compiled"),
             "data": meta.get("data"),
             "library_versions": meta.get("library_versions"),

@@ -22,7 +22,8 @@ the input's type) can express exactly:
 * LightGBM compares double features with double thresholds (``x <= threshold``) and adds double
   leaves. Here: a double TreeEnsemble on the uncast X, then 1 / (1 + exp(-raw)).
 * The logistic learner (StandardScaler then LogisticRegression) and the meta-learner: Sub, Div,
-  MatMul, Add, then 1 / (1 + exp(-z)) in double.
+  MatMul, Add, then 1 / (1 + exp(-z)) in double. The meta-learner's inputs are the base learners'
+  log-odds (models.ensemble.LogOdds): Clip, then Log(p) - Log(1 - p), in double.
 
 ONNX Runtime adds the trees in order for each row when it runs on one thread, so all tree sums are
 bit-identical to the libraries'. What remains are last-ulp differences of exp (ONNX Runtime's
@@ -468,13 +469,33 @@ def _base_learner(g: _Graph, est: Any, name: str, x: str, x32: str, x32d: str, n
     raise UnsupportedModelError(f"{name}: no exact ONNX translation for {type(est).__name__}")
 
 
+def _meta_learner(final: Any) -> tuple[Any, Any]:
+    """(LogisticRegression, LogOdds step or None) of the stack's final estimator: a binary
+    LogisticRegression, alone or behind models.ensemble.LogOdds in a Pipeline."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from models.ensemble import LogOdds
+
+    log_odds = None
+    if isinstance(final, Pipeline):
+        steps = [s for _, s in final.steps if s not in (None, "passthrough")]
+        if len(steps) != 2 or type(steps[0]) is not LogOdds:
+            raise UnsupportedModelError("a Pipeline meta-learner must be LogOdds then LogisticRegression")
+        log_odds, final = steps
+        if not 0 < log_odds.eps < 0.5:
+            raise UnsupportedModelError(f"LogOdds eps {log_odds.eps} must be in (0, 0.5)")
+    if not isinstance(final, LogisticRegression) or final.coef_.shape[0] != 1:
+        raise UnsupportedModelError("the meta-learner must be a binary LogisticRegression")
+    return final, log_odds
+
+
 def compile_pipeline(pipeline: Any) -> bytes:
     """The fitted Pipeline (models.ensemble.build_pipeline) as a serialized ONNX model.
 
     Deterministic: the same fitted pipeline always gives the same bytes.
     """
     from sklearn.ensemble import StackingClassifier
-    from sklearn.linear_model import LogisticRegression
 
     steps = dict(pipeline.steps)
     prep, stack = steps.get("prep"), steps.get("stack")
@@ -484,9 +505,7 @@ def compile_pipeline(pipeline: Any) -> bytes:
     _check_binary(stack, "stack")
     if stack.passthrough:
         raise UnsupportedModelError("StackingClassifier(passthrough=True) is not supported")
-    final = stack.final_estimator_
-    if not isinstance(final, LogisticRegression) or final.coef_.shape[0] != 1:
-        raise UnsupportedModelError("the meta-learner must be a binary LogisticRegression")
+    final, log_odds = _meta_learner(stack.final_estimator_)
 
     g = _Graph()
     for name in (NUMERIC_INPUT, *CATEGORICAL_FEATURES, OUTPUT, BASE_OUTPUT):
@@ -519,7 +538,19 @@ def compile_pipeline(pipeline: Any) -> bytes:
             raise UnsupportedModelError(f"{name}: stack_method {method!r} is not supported")
         base.append(_base_learner(g, est, name, x, x32, x32d, n_features))
     g.nodes.append(helper.make_node("Concat", base, [BASE_OUTPUT], name=g.name("base_concat"), axis=1))
-    _linear_proba(g, final, BASE_OUTPUT, "meta", out=OUTPUT)
+    meta_in = BASE_OUTPUT
+    if log_odds is not None:
+        # LogOdds.transform: clip to [eps, 1 - eps], then log(p) - log(1 - p), all in double.
+        lo, hi = (
+            g.const("meta_clip_min", np.array(log_odds.eps)),
+            g.const("meta_clip_max", np.array(1.0 - log_odds.eps)),
+        )
+        p = g.node("Clip", [BASE_OUTPUT, lo, hi], "meta_clipped")
+        one = g.const("meta_one", np.array(1.0))
+        log_p = g.node("Log", [p], "meta_log_p")
+        log_q = g.node("Log", [g.node("Sub", [one, p], "meta_q")], "meta_log_q")
+        meta_in = g.node("Sub", [log_p, log_q], "meta_log_odds")
+    _linear_proba(g, final, meta_in, "meta", out=OUTPUT)
 
     inputs = [helper.make_tensor_value_info(NUMERIC_INPUT, TensorProto.DOUBLE, ["N", len(NUMERIC_FEATURES)])]
     inputs += [helper.make_tensor_value_info(f, TensorProto.STRING, ["N"]) for f in CATEGORICAL_FEATURES]

@@ -3,7 +3,9 @@
 A small real model (build_pipeline(fast=True) on 2,000 rows of the real CSV) is fitted once per
 module; parity is checked on all 10,000 rows and on synthetic rows placed exactly on, and one
 ulp (double and float32) either side of, every split threshold of every tree, which is where a
-float32 or otherwise inexact translation flips branches.
+float32 or otherwise inexact translation flips branches. The parity tests run for the default
+hyperparameters and for the tuned ones (training/params.json, fast mode: every learner option
+the served model uses, with at most 20 trees per ensemble, 6 deep).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from models.schema import (
     validate_frame,
 )
 from models.store import COMPILED_FILE
+from training.records import load_params
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "Churn_Modelling.csv"
 
@@ -64,6 +67,29 @@ def onnx_bytes(pipeline) -> bytes:
 @pytest.fixture(scope="module")
 def compiled(onnx_bytes) -> CompiledModel:
     return CompiledModel(onnx_bytes, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tuned_pipeline(data):
+    params = load_params()
+    assert params, "training/params.json has no tuned parameters"
+    sample = data.sample(2000, random_state=0)
+    pipe = build_pipeline(seed=0, fast=True, params=params)
+    pipe.fit(sample[list(FEATURE_NAMES)], sample[TARGET])
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tuned_compiled(tuned_pipeline) -> CompiledModel:
+    return CompiledModel(compile_pipeline(tuned_pipeline), threads=1)
+
+
+@pytest.fixture(params=["defaults", "tuned"])
+def model(request) -> tuple:
+    """(fitted pipeline, its compiled model) for the default and for the tuned hyperparameters."""
+    if request.param == "tuned":
+        return request.getfixturevalue("tuned_pipeline"), request.getfixturevalue("tuned_compiled")
+    return request.getfixturevalue("pipeline"), request.getfixturevalue("compiled")
 
 
 def _rows(frame: pd.DataFrame) -> list[tuple]:
@@ -131,7 +157,8 @@ def _near_split_frame(pipeline, data: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
-def test_parity_on_all_rows(pipeline, compiled, data, threshold):
+def test_parity_on_all_rows(model, data, threshold):
+    pipeline, compiled = model
     report = parity_report(pipeline, compiled, data, threshold)
     assert report["rows"] == len(data) == 10_000
     assert report["tolerance"] == TOLERANCE == 1e-6
@@ -140,7 +167,8 @@ def test_parity_on_all_rows(pipeline, compiled, data, threshold):
     assert report["passed"] is True
 
 
-def test_each_base_learner_matches(pipeline, compiled, data):
+def test_each_base_learner_matches(model, data):
+    pipeline, compiled = model
     diffs = learner_parity(pipeline, compiled, data)
     assert list(diffs) == ["random_forest", "gradient_boosting", "xgboost", "lightgbm", "logistic"]
     # No transcendental functions in the forest: sums in scikit-learn's order are bit-identical.
@@ -151,7 +179,8 @@ def test_each_base_learner_matches(pipeline, compiled, data):
     assert diffs["xgboost"] <= 1.2e-7, diffs
 
 
-def test_parity_on_rows_next_to_every_split(pipeline, compiled, data):
+def test_parity_on_rows_next_to_every_split(model, data):
+    pipeline, compiled = model
     frame = _near_split_frame(pipeline, data)
     assert len(frame) > 1000
     report = parity_report(pipeline, compiled, frame, 0.5)
@@ -248,4 +277,17 @@ def test_unsupported_learner_is_refused(data):
     pipe = build_pipeline(seed=0, fast=True, base_learners=[("knn", KNeighborsClassifier())])
     pipe.fit(sample[list(FEATURE_NAMES)], sample[TARGET])
     with pytest.raises(UnsupportedModelError, match="knn"):
+        compile_pipeline(pipe)
+
+
+def test_unsupported_meta_learner_is_refused(data):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    sample = data.sample(300, random_state=1)
+    pipe = build_pipeline(seed=0, fast=True)
+    pipe.named_steps["stack"].final_estimator = Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression())])
+    pipe.fit(sample[list(FEATURE_NAMES)], sample[TARGET])
+    with pytest.raises(UnsupportedModelError, match="LogOdds then LogisticRegression"):
         compile_pipeline(pipe)

@@ -81,6 +81,14 @@ def test_model_card(server, trained):
     assert card["metrics"]["roc_auc"] == trained.report["metrics"]["roc_auc"]
     assert [f["name"] for f in card["schema"]["features"]] == list(FEATURE_NAMES)
     assert card["created"]
+    # The decision the service makes is the expected-value one, with its inputs and figures.
+    assert card["decision"]["threshold"] == card["threshold"]
+    assert card["decision"] == trained.report["decision"]
+    assert card["cross_validation"]["roc_auc"]["stack"] == trained.report["cross_validation"]["roc_auc"]["stack"]
+    assert card["group_metrics"] == trained.report["group_metrics"]
+    assert set(card["group_gaps"]["age_band"]) == {"positive_rate", "recall", "precision", "roc_auc"}
+    assert card["calibration"]["applied"] == "none"
+    assert card["tuning"]["params"] == trained.report["tuning"]["params"]
 
 
 CUSTOMER = EXAMPLE_CUSTOMER

@@ -54,3 +54,9 @@ def stratify_split(df: pd.DataFrame, test_size: float, validation_size: float, s
     val_share = validation_size / (1.0 - test_size)
     train, validation = train_test_split(rest, test_size=val_share, stratify=rest[TARGET], random_state=seed)
     return Splits(train=train, validation=validation, test=test)
+
+
+def development_part(splits: Splits) -> pd.DataFrame:
+    """Everything but the test split (train + validation): where tuning and cross-validation
+    run, so the test split stays untouched until the final, single evaluation."""
+    return pd.concat([splits.train, splits.validation])

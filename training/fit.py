@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
@@ -57,10 +58,12 @@ def fit_pipeline(
     seed: int,
     fast: bool = False,
     progress: Callable[[str], None] = print,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Pipeline:
-    """Fit the ensemble on X, y; `progress` receives one line per learner fit and fold."""
+    """Fit the ensemble on X, y with the default hyperparameters overridden by `params`;
+    `progress` receives one line per learner fit and fold."""
     global _listener
-    learners = [(name, _Timed(est, name)) for name, est in build_base_learners(seed, fast)]
+    learners = [(name, _Timed(est, name)) for name, est in build_base_learners(seed, fast, params)]
     pipeline = build_pipeline(seed, fast, base_learners=learners)
     folds = pipeline.named_steps["stack"].cv.get_n_splits()
     seen: Counter[str] = Counter()
