@@ -23,12 +23,9 @@ from serving import telemetry
 from serving.concurrency import Overloaded
 from serving.engine import Engine
 from serving.http import BodyLimitMiddleware, ValidationMessageMiddleware, describe_validation_errors, error_response
-from serving.jobs.manager import JobManager
-from serving.jobs.routes import JobRoutes
 from serving.online import PredictRoute, overloaded
 from serving.routes import HotRoutes, RouteTable
 from serving.settings import Settings
-from serving.v2 import OpenInferenceApp
 
 logger = logging.getLogger("bentoml.service.bank_churn")
 settings = Settings()
@@ -119,6 +116,9 @@ class BankChurn:
         # Imported here, in the worker: the arbiter imports this module only to check the model
         # (above), and NumPy would add ~170 modules and ~0.3 s to the start of every pod.
         from models.predictor import load_predictor
+        from serving.jobs.manager import JobManager
+        from serving.jobs.routes import JobRoutes
+        from serving.v2 import OpenInferenceApp
 
         self.predictor = load_predictor(STORED_MODEL, settings.use_compiled, settings.runtime_threads)
         self.engine = Engine(self.predictor, settings)

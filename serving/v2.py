@@ -11,7 +11,7 @@
 Inference is columnar: one input per feature, named as the dataset column, shape [N] (or
 [N, 1]), datatype FP64 or INT64 for numbers and BYTES for Geography and Gender; the outputs
 are churn_probability (FP64 [N]) and will_churn (BOOL [N]). Values are checked by the one
-schema (models.schema.validate_columns) with /predict's rules and wording; what is V2's own
+schema (models.columns.validate_columns) with /predict's rules and wording; what is V2's own
 (datatypes, shapes, framing) is checked here. Everything goes as JSON: the binary tensor,
 shared-memory and classification extensions are refused with a 400 saying so.
 
@@ -35,14 +35,13 @@ import orjson
 import pydantic
 from starlette.types import Receive, Scope, Send
 
+from models.columns import FEW_ROWS, validate_columns
 from models.schema import (
     BY_NAME,
     CATEGORICAL_FEATURES,
     FEATURE_NAMES,
-    FEW_ROWS,
     NUMERIC_FEATURES,
     Customer,
-    validate_columns,
 )
 from models.store import MODEL_NAME
 from serving import telemetry

@@ -1,4 +1,4 @@
-"""Columnar validation (models.schema.validate_columns): the same rules and wording as /predict's
+"""Columnar validation (models.columns.validate_columns): the same rules and wording as /predict's
 request model, vectorised, with every error located by row and feature."""
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.columns import FEW_ROWS, validate_columns
 from models.schema import (
     BY_NAME,
     CATEGORICAL_FEATURES,
     EXAMPLE_CUSTOMER,
     FEATURE_NAMES,
-    FEW_ROWS,
     NUMERIC_FEATURES,
     Customer,
-    validate_columns,
 )
 from serving.http import describe_validation_errors
 

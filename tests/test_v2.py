@@ -11,6 +11,7 @@ import time
 from importlib.metadata import version
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -240,7 +241,8 @@ def test_requested_outputs_and_id(server, customers, batch):
     both = [{"name": OUTPUT_DECISION}, {"name": OUTPUT_PROBABILITY, "parameters": {"binary_data": True}}]
     r = post(server, {**columnar_request(customers[:5]), "outputs": both, "parameters": {"binary_data_output": True}})
     assert [o["name"] for o in r.json()["outputs"]] == [OUTPUT_DECISION, OUTPUT_PROBABILITY]  # as asked, JSON
-    assert r.json()["outputs"][1]["data"] == batch["probability"][:5]
+    # another batch size than the batch's: ONNX Runtime may round the last bit differently
+    np.testing.assert_allclose(r.json()["outputs"][1]["data"], batch["probability"][:5], rtol=0, atol=1e-12)
 
 
 def test_bad_values_name_the_input_and_the_first_bad_row(server, customers):
@@ -405,7 +407,7 @@ def test_v2_readiness_is_the_services_and_false_once_shutdown_starts(service_ins
     ready = asyncio.run(calls())
     assert [a[0] for a in ready] == [200, 200, 200, 200]
     assert ready[0][1] == {"ready": True} and ready[1][1] == {"name": MODEL_NAME, "ready": True}
-    svc._shutdown()  # what BentoML runs when the worker starts to shut down
+    asyncio.run(svc._shutdown())  # what BentoML runs when the worker starts to shut down
     assert svc.ready is False
     stopping = asyncio.run(calls())
     assert stopping[0] == (503, {"ready": False})

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from models.columns import validate_columns
 from models.predictor import Predictor
-from models.schema import BY_NAME, FEATURE_NAMES, ID_COLUMN, Feature, validate_columns
+from models.schema import BY_NAME, FEATURE_NAMES, ID_COLUMN, Feature
 from serving import telemetry
 
 
