@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +32,7 @@ from threadpoolctl import threadpool_limits
 from models.compiled import CompiledModel
 from models.compiler import compile_pipeline, learner_parity, parity_report
 from models.schema import FEATURE_NAMES, FEATURES, TARGET, frame_from_rows, validate_frame
+from models.store import distribution_version
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "Churn_Modelling.csv"
@@ -136,7 +136,7 @@ def _machine() -> list[str]:
     except AttributeError:
         usable = os.cpu_count()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES)
+    versions = ", ".join(f"{p} {distribution_version(p)}" for p in PACKAGES)
     return [
         f"- CPU: {model}; {os.cpu_count()} logical cores ({usable} usable); load average at start {load}",
         f"- Python {platform.python_version()} on {platform.system()} {platform.machine()}; {versions}",

@@ -32,14 +32,19 @@ class ModelLoadError(RuntimeError):
     """The model cannot be served: missing, unreadable, or trained for another schema."""
 
 
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for lib in LIBRARIES:
+def distribution_version(lib: str) -> str:
+    """The installed version of a library, whichever distribution installed it (XGBoost comes
+    as `xgboost-cpu` on Linux); "absent" when it is not installed."""
+    for name in (lib, f"{lib}-cpu"):
         try:
-            versions[lib] = version(lib)
-        except Exception:  # not installed: recorded as absent rather than failing a save
-            versions[lib] = "absent"
-    return versions
+            return version(name)
+        except Exception:
+            continue
+    return "absent"
+
+
+def library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), **{lib: distribution_version(lib) for lib in LIBRARIES}}
 
 
 def sha256(blob: bytes) -> str:
