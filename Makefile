@@ -87,14 +87,13 @@ format: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-checkov .venv-clients .pytest_cache .ruff_cache build
 
-## Benchmarks (figures, not tests): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs.
+## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs.
 bench: $(VENV)/.installed system-packages
 	$(PY) -m training --if-missing
-	$(PY) -m benchmarks.inprocess
-	$(PY) -m benchmarks.http
-	$(PY) -m benchmarks.profile
-	$(PY) -m benchmarks.startup
-	$(PY) -m benchmarks.jobs
+	@failed=""; for b in inprocess http profile startup jobs; do \
+	  echo "== python -m benchmarks.$$b"; $(PY) -m benchmarks.$$b || failed="$$failed $$b"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "benchmarks with a FAIL verdict or an error:$$failed"; exit 1; fi
 
 ## Locust profiles against a running service (make serve first); HOST=http://... to target another.
 HOST ?= http://localhost:3000

@@ -15,8 +15,11 @@ loaded by wrk pinned to CPU 1 with the same rotating set of real customers from 
 
 Single-row cases (`predict`, and `v2` on our server: the Open Inference Protocol's infer
 with one row) run at every connection count; the batch cases send 1,000-row requests
-(`predict_batch` and V2 columnar `v2_batch`, the same rows) at --batch-connections. It
-prints every cell, the ratios and the targets, and writes reports/bench/http.{md,json,png}.
+(`predict_batch` and V2 columnar `v2_batch`, the same rows) at --batch-connections. Cells
+that are compared with each other are measured alternately, the targets' cells --rounds
+times (median kept). The model's own rate on the batch blocks (no HTTP, same core) is
+measured too: the ceiling of any batch path. It prints every cell, the ratios and the
+targets, and writes reports/bench/http.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -169,34 +172,86 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
     return {"total_mb": sum(per.values()), "largest_process_mb": max(per.values()), "processes": len(per)}
 
 
+def _median_cell(cells: list[dict]) -> dict:
+    """The round with the median req/s (its latencies with it), and every round's req/s."""
+    ranked = sorted(cells, key=lambda c: c["rps"])
+    cell = dict(ranked[(len(ranked) - 1) // 2])
+    cell["rounds_rps"] = [c["rps"] for c in cells]
+    return cell
+
+
 def bench_server(name: str, scripts: dict[str, Path], levels: list[int], batch_levels: list[int], a) -> dict:
+    """Every case of a server at every level. Cases compared with each other (one server's
+    single-row cases, its batch cases) are measured alternately, cell by cell, and at the
+    targets' levels (50 connections, the batch levels) --rounds times each, alternating, the
+    median kept: the machine's speed drifts over minutes, and cases measured one after the
+    other would carry that drift into their ratio."""
     target, env, description = SERVERS[name]
     cpu = "1" if a.pin else None
     server = ServeProcess(target=target, env=env, prefix=("taskset", "-c", "0") if a.pin else ())
     server.start()
     try:
         ready_s = server.wait_ready(120)
-        cases = {}
-        for case in SERVER_CASES[name]:
-            if case not in scripts:
-                continue
-            rows = CASES[case][1]
+        mine = [case for case in SERVER_CASES[name] if case in scripts]
+        for case in mine:
             run_wrk(server.url, scripts[case], 10, 3, cpu)  # warm-up, not recorded
-            cells = []
-            for c in levels if rows == 1 else batch_levels:
-                cell = run_wrk(server.url, scripts[case], c, a.duration, cpu)
-                cell["rows_per_s"] = cell["rps"] * rows
-                cells.append(cell)
-                print(
-                    f"  {name:<12} {case:<13} c={c:<4} {cell['rps']:8.1f} req/s {cell['rows_per_s']:9.0f} rows/s  "
-                    f"p50 {cell['p50_ms']:7.1f} ms  p99 {cell['p99_ms']:7.1f} ms  errors {cell['errors']}",
-                    flush=True,
-                )
-            cases[case] = cells
+        cases: dict[str, list[dict]] = {case: [] for case in mine}
+        groups = [(levels, [c for c in mine if CASES[c][1] == 1]), (batch_levels, [c for c in mine if CASES[c][1] > 1])]
+        for group_levels, group in groups:
+            for c in group_levels if group else []:
+                rounds = a.rounds if (c == 50 or CASES[group[0]][1] > 1) and len(group) > 1 else 1
+                measured: dict[str, list[dict]] = {case: [] for case in group}
+                for _ in range(rounds):
+                    for case in group:
+                        cell = run_wrk(server.url, scripts[case], c, a.duration, cpu)
+                        cell["rows_per_s"] = cell["rps"] * CASES[case][1]
+                        measured[case].append(cell)
+                for case in group:
+                    cell = _median_cell(measured[case])
+                    cases[case].append(cell)
+                    spread = "" if rounds == 1 else f"  (rounds {', '.join(f'{r:.0f}' for r in cell['rounds_rps'])})"
+                    print(
+                        f"  {name:<12} {case:<13} c={c:<4} {cell['rps']:8.1f} req/s {cell['rows_per_s']:9.0f} rows/s  "
+                        f"p50 {cell['p50_ms']:7.1f} ms  p99 {cell['p99_ms']:7.1f} ms  errors {cell['errors']}{spread}",
+                        flush=True,
+                    )
         rss = tree_rss_mb(server.proc.pid)
         return {"description": description, "ready_seconds": ready_s, "rss": rss, "cases": cases}
     finally:
         server.stop()
+
+
+def model_ceiling(rows: int = 1000, seconds: float = 5.0) -> dict:
+    """The served model's own rate on the batch cases' blocks: the columns the V2 requests
+    carry, scored back to back by the predictor on one thread (no HTTP, no parsing). Run in a
+    process pinned like the servers (main() does it), it is the most rows/s any request path
+    can reach on that core."""
+    from models.predictor import load_predictor
+    from models.store import get_stored
+    from serving.settings import Settings
+    from serving.v2 import parse_request
+
+    predictor = load_predictor(get_stored(Settings().model_tag))
+    blocks = [parse_request(body.encode(), rows) for body in bodies_for("v2_batch", 0)]
+    for b in blocks:
+        predictor.predict_columns(b.numeric, b.categorical)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        b = blocks[calls % len(blocks)]
+        predictor.predict_columns(b.numeric, b.categorical)
+        calls += 1
+    elapsed = time.perf_counter() - start
+    return {"rows": rows, "calls": calls, "ms_per_call": elapsed / calls * 1000, "rows_per_s": calls * rows / elapsed}
+
+
+def measure_ceiling(pin: bool) -> dict:
+    code = "import json; from benchmarks.http import model_ceiling; print('CEILING', json.dumps(model_ceiling()))"
+    cmd = [*(["taskset", "-c", "0"] if pin else []), sys.executable, "-c", code]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("CEILING ")), None)
+    if line is None:
+        raise RuntimeError(f"model ceiling: no result\n{out.stdout}\n{out.stderr}")
+    return json.loads(line.split(" ", 1)[1])
 
 
 def cell_at(results: dict, server: str, case: str, connections: int) -> dict | None:
@@ -204,7 +259,9 @@ def cell_at(results: dict, server: str, case: str, connections: int) -> dict | N
     return next((c for c in cells if c["connections"] == connections), None)
 
 
-def ratio_rows(results: dict, levels: list[int], batch_levels: list[int]) -> list[tuple[str, int, float]]:
+def ratio_rows(
+    results: dict, levels: list[int], batch_levels: list[int], ceiling: dict | None = None
+) -> list[tuple[str, int, float]]:
     """(what, connections, ratio) for every comparison the run has both sides of."""
     pairs = [
         ("ours /predict ÷ bare", ("ours", "predict"), ("bare", "predict"), "rps"),
@@ -224,6 +281,14 @@ def ratio_rows(results: dict, levels: list[int], batch_levels: list[int]) -> lis
             a, b = cell_at(results, s1, c1, c), cell_at(results, s2, c2, c)
             if a and b and b[key]:
                 out.append((what, c, a[key] / b[key]))
+    if ceiling:  # how close each batch path comes to the model's own rate on the same core
+        for case in ("v2_batch", "predict_batch"):
+            for c in batch_levels:
+                cell = cell_at(results, "ours", case, c)
+                if cell:
+                    out.append(
+                        (f"{case} rows/s ÷ the model's own (no HTTP)", c, cell["rows_per_s"] / ceiling["rows_per_s"])
+                    )
     return out
 
 
@@ -271,6 +336,19 @@ def markdown(results: dict, ratios: list[tuple[str, int, float]], verdicts: list
                     f"| {name} | {case} | {CASES[case][1]} | {c['connections']} | {c['rps']:.0f} | "
                     f"{c['rows_per_s']:.0f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c['errors']} |"
                 )
+    if meta.get("model_ceiling"):
+        m = meta["model_ceiling"]
+        lines += [
+            "",
+            f"The model alone on the same core (predictor.predict_columns on the same 1,000-row blocks, no HTTP): "
+            f"{m['rows_per_s']:.0f} rows/s, {m['ms_per_call']:.1f} ms per block.",
+        ]
+    rounds = sorted({len(c.get("rounds_rps", [])) for r in results.values() for cs in r["cases"].values() for c in cs})
+    if rounds and rounds[-1] > 1:
+        lines += [
+            f"Cells compared with each other (ours' single-row cases at 50 connections, its batch cases) were "
+            f"measured {rounds[-1]} times alternately; the median round is shown."
+        ]
     lines += ["", "| ratio | conns | value |", "|---|---:|---:|"]
     lines += [f"| {what} | {c} | {r:.2f}x |" for what, c, r in ratios]
     lines += ["", "| serving process (after the run) | RSS of the process tree | largest process |", "|---|---:|---:|"]
@@ -312,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default="bare,seed,ours-bentoml,ours")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--payloads", type=int, default=200, help="distinct customers rotated through")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the compared cells")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin server/wrk to CPU 0/1")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     a = p.parse_args(argv)
@@ -334,8 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.servers.split(","):
         print(f"{name}: {SERVERS[name][2]}")
         results[name] = bench_server(name, scripts, levels, batch_levels, a)
-    ratios = ratio_rows(results, levels, batch_levels)
+    ceiling = None
+    if "ours" in results and any(CASES[c][1] > 1 for c in results["ours"]["cases"]):
+        ceiling = measure_ceiling(a.pin)
+        print(f"model ceiling: {ceiling['rows_per_s']:.0f} rows/s ({ceiling['ms_per_call']:.1f} ms per 1,000 rows)")
+    ratios = ratio_rows(results, levels, batch_levels, ceiling)
     verdicts = check_targets(results, ratios, batch_levels)
+    meta["model_ceiling"] = ceiling
     table = markdown(results, ratios, verdicts, meta)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "http.md").write_text(table + "\n")

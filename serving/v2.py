@@ -15,9 +15,11 @@ schema (models.columns.validate_columns) with /predict's rules and wording; what
 (datatypes, shapes, framing) is checked here. Everything goes as JSON: the binary tensor,
 shared-memory and classification extensions are refused with a 400 saying so.
 
-The usual single-row request is accepted the short way (single_row: /predict's compiled
-request model checks the values) and joins /predict's micro-batches; anything else goes the
-columns way (checked_columns), which also words every error. Small bodies are parsed on the
+The usual single-row request is accepted the short way and joins /predict's micro-batches:
+decoded and bounds-checked from its bytes by msgspec (fast_single_row, ~11 us against ~27 us
+for orjson + Python checks: the difference between V2 and /predict at 50 connections), or
+else from the parsed JSON (single_row: /predict's compiled request model checks the values);
+anything else goes the columns way (checked_columns), which also words every error. Small bodies are parsed on the
 event loop (cheaper than a thread hop), bodies over INLINE_BODY_BYTES on the engine's pool,
 like /predict_batch. Nothing is ever allocated by a shape a client claims: shapes are
 checked against the data that arrived.
@@ -28,8 +30,9 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
+import msgspec
 import numpy as np
 import orjson
 import pydantic
@@ -230,6 +233,9 @@ def _requested_outputs(request: dict) -> tuple[str, ...]:
 
 def parse_request(body: bytes, max_rows: int) -> InferRequest:
     """Parse and check an inference request body. Raises HttpError(400) naming what is wrong."""
+    fast = fast_single_row(body)
+    if fast is not None:
+        return fast
     if not body:
         raise _bad('empty body: send an inference request, {"inputs": [...]}')
     try:
@@ -256,6 +262,70 @@ def parse_request(body: bytes, max_rows: int) -> InferRequest:
     if row is not None:
         return InferRequest(request_id, outputs, row=row)
     return checked_columns(body, inputs, request_id, outputs, max_rows)
+
+
+def _single_row_decoder() -> msgspec.json.Decoder:
+    """A decoder for the usual single-row request, straight from its bytes: ten inputs (tagged
+    by name) of shape [1], an accepted datatype and one value within the schema's bounds; no
+    unknown fields, no strings or booleans for numbers. What it accepts, single_row accepts as
+    the same row; everything else takes the long way, which words any error."""
+    inputs = []
+    for name in FEATURE_NAMES:
+        feat = BY_NAME[name]
+        if feat.kind == "category":
+            value: Any = Literal[feat.categories]  # type: ignore[valid-type]
+        elif feat.kind == "float":  # an int stays an int, as single_row keeps it
+            bounds = {"ge": feat.minimum, "le": feat.maximum}
+            value = Annotated[int, msgspec.Meta(**bounds)] | Annotated[float, msgspec.Meta(**bounds)]
+        else:  # an integral float for an integer feature takes the long way
+            lo, hi = (0, 1) if feat.kind == "flag" else (int(feat.minimum), int(feat.maximum))
+            value = Annotated[int, msgspec.Meta(ge=lo, le=hi)]
+        fields = [
+            ("shape", tuple[Literal[1]]),
+            ("datatype", Literal[ACCEPTED_DATATYPES[name]]),  # type: ignore[valid-type]
+            ("data", tuple[value]),  # type: ignore[valid-type]
+        ]
+        inputs.append(msgspec.defstruct(f"V2Row{name}", fields, tag_field="name", tag=name, forbid_unknown_fields=True))
+    request = msgspec.defstruct(
+        "V2SingleRowRequest",
+        [
+            ("inputs", Annotated[list[Union[tuple(inputs)]], msgspec.Meta(min_length=10, max_length=10)]),  # noqa: UP007
+            ("id", str | None, None),
+            ("model_name", Literal[MODEL_NAME], MODEL_NAME),  # type: ignore[valid-type]
+            ("parameters", dict | None, None),
+            ("outputs", Any, None),  # checked and worded by _requested_outputs
+        ],
+        forbid_unknown_fields=True,
+    )
+    return msgspec.json.Decoder(request)
+
+
+_SINGLE_ROW = _single_row_decoder()
+SINGLE_ROW_BODY_BYTES = 4096  # a single-row request is ~700 bytes: bigger bodies skip the short way
+
+
+def fast_single_row(body: bytes) -> InferRequest | None:
+    """The usual single-row request from its bytes, decoded and checked against the schema's
+    bounds and categories by msgspec in one call (~2.5x cheaper than orjson + single_row);
+    None for anything else (parse_request then reads it the long way and words any error).
+    tests/test_v2.py holds it to accept only what checked_columns accepts, as the same row."""
+    if len(body) > SINGLE_ROW_BODY_BYTES:
+        return None
+    try:
+        request = _SINGLE_ROW.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    values = {}
+    for item in request.inputs:
+        v = item.data[0]
+        if type(v) is float and item.datatype == INT64:
+            return None  # checked_columns accepts an integral one, after its own check
+        values[type(item).__struct_config__.tag] = v
+    if len(values) != len(FEATURE_NAMES):  # a name given twice
+        return None
+    return InferRequest(
+        request.id, _requested_outputs({"outputs": request.outputs}), row=tuple(values[n] for n in FEATURE_NAMES)
+    )
 
 
 def single_row(inputs: Any) -> tuple | None:

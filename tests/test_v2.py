@@ -34,6 +34,8 @@ from serving.v2 import (
     SERVER_NAME,
     checked_columns,
     columnar_request,
+    fast_single_row,
+    parse_request,
     single_row,
 )
 from tests.helpers import metric
@@ -330,6 +332,53 @@ def _valid(name: str):
 _ROW = st.fixed_dictionaries({n: _valid(n) for n in NUMERIC_FEATURES})
 
 
+def test_the_usual_single_row_request_takes_the_short_way():
+    body = columnar_request([EXAMPLE_CUSTOMER])
+    expected = single_row(body["inputs"])
+    assert expected is not None
+    request = fast_single_row(orjson.dumps(body))
+    assert request is not None and request.row == expected and request.outputs == tuple(OUTPUTS)
+    # any order of the inputs, an id, chosen outputs, parameters
+    shuffled = {
+        "id": "7",
+        "parameters": {"binary_data_output": False},
+        "inputs": body["inputs"][::-1],
+        "outputs": [{"name": OUTPUT_DECISION}],
+    }
+    request = fast_single_row(orjson.dumps(shuffled))
+    assert request is not None and request.row == expected
+    assert (request.id, request.outputs) == ("7", (OUTPUT_DECISION,))
+
+
+@pytest.mark.parametrize(
+    "change, status",
+    [
+        (lambda b: b["inputs"][1].update(data=["Italy"]), 400),  # a value out of the schema
+        (lambda b: b.update(id=5), 400),  # a request field of the wrong type
+        (lambda b: b.update(outputs=[{"name": "nope"}]), 400),
+        (lambda b: b["inputs"].append(dict(b["inputs"][0])), 400),  # eleven inputs
+        (lambda b: b["inputs"][3].update(data=[True]), 400),  # a boolean for a number
+        (lambda b: b["inputs"][0].update(data=[619.0]), None),  # integral FP64: accepted the long way
+    ],
+)
+def test_what_the_short_way_refuses_the_long_way_decides(change, status):
+    body = columnar_request([EXAMPLE_CUSTOMER])
+    body["inputs"][0]["datatype"] = FP64
+    change(body)
+    raw = orjson.dumps(body)
+    try:
+        fast = fast_single_row(raw)
+    except HttpError as exc:  # the outputs are worded the same either way
+        fast = exc
+    if status is None:
+        assert fast is None and parse_request(raw, 10_000).row == single_row(body["inputs"])
+        return
+    with pytest.raises(HttpError) as exc:
+        parse_request(raw, 10_000)
+    assert exc.value.status == status
+    assert fast is None or (isinstance(fast, HttpError) and fast.message == exc.value.message)
+
+
 @settings(max_examples=400, deadline=None, derandomize=True)
 @given(_ROW, st.dictionaries(st.sampled_from(NUMERIC_FEATURES), _VALUE, max_size=2), _CHANGES)
 def test_the_short_way_for_one_row_accepts_only_what_the_columns_way_does(numbers, bad, changes):
@@ -356,13 +405,15 @@ def test_the_short_way_for_one_row_accepts_only_what_the_columns_way_does(number
             inputs.remove(item)
     raw = orjson.dumps(body)
     row = single_row(inputs)
+    fast = fast_single_row(raw)  # the short way from the bytes (msgspec)
     try:
         checked = checked_columns(raw, inputs, None, tuple(OUTPUTS), 10_000)
     except HttpError as exc:
-        assert row is None, (exc.message, row)
+        assert row is None and fast is None, (exc.message, row, fast)
         return
-    if row is not None:  # the same row, the same values and types
-        assert checked.row == row and [type(v) for v in checked.row] == [type(v) for v in row]
+    for short in (row, fast.row if fast is not None else None):
+        if short is not None:  # the same row, the same values and types
+            assert checked.row == short and [type(v) for v in checked.row] == [type(v) for v in short]
 
 
 # ----------------------------------------------------------------------------- readiness, in-process
