@@ -265,11 +265,11 @@ def parse_request(body: bytes, max_rows: int) -> InferRequest:
 
 
 def _single_row_decoder() -> tuple[msgspec.json.Decoder, dict[type, str]]:
-    """A decoder for the usual single-row request, straight from its bytes (and the feature
-    each input struct stands for): ten inputs (tagged
-    by name) of shape [1], an accepted datatype and one value within the schema's bounds; no
-    unknown fields, no strings or booleans for numbers. What it accepts, single_row accepts as
-    the same row; everything else takes the long way, which words any error."""
+    """A decoder for the usual single-row request, straight from its bytes, and the feature
+    each input struct stands for: ten inputs (tagged by name) of shape [1], an accepted
+    datatype and one value within the schema's bounds; no unknown fields, no strings or
+    booleans for numbers. What it accepts, single_row accepts as the same row; everything
+    else takes the long way, which words any error."""
     inputs = []
     for name in FEATURE_NAMES:
         feat = BY_NAME[name]
