@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages lock serve train test lint format bench load-smoke load load-stress image image-full image-tools clean
+.PHONY: install system-packages lock serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -68,10 +68,13 @@ train: $(VENV)/.installed
 ## Second README command: install and run the test suite (what CI runs), the container image
 ## test included (tests/test_container.py: needs root; the base image is cached by its recipe
 ## in $$BANK_CHURN_IMAGE_CACHE, default ~/.cache/bank-churn/images).
-test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages lint
 	$(VENV)/bin/pytest
+
+## The fast tier, for every edit: lint, the import contracts, and the unit and in-process tests
+## (no root, no server beyond the test process; `-m integration` and `-m container` are the rest).
+test-fast: lint
+	$(VENV)/bin/pytest -m "not integration and not container"
 
 ## What building and running the image needs here (kept as a name for the image targets).
 image-tools: system-packages
@@ -79,6 +82,7 @@ image-tools: system-packages
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .

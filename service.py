@@ -97,7 +97,8 @@ class NoInput(bentoml.IODescriptor):
 
 
 @bentoml.service(
-    # One worker per process: the pod, not the process, is the unit of scale (seeds, ADR-014).
+    # One worker per process: the pod, not the process, is the unit of scale (an HPA adds pods);
+    # N workers in one pod share its CPU limit and thrash.
     workers=1,
     traffic={"timeout": settings.request_timeout_s},
     envs=[{"name": "OMP_NUM_THREADS", "value": "1"}],

@@ -38,8 +38,8 @@ from pathlib import Path
 import psutil
 
 from benchmarks.inprocess import cpu_model
+from harness.servers import ROOT, ServeProcess
 from models.schema import BY_NAME, FEATURE_NAMES, json_customer
-from tests.helpers import ROOT, ServeProcess
 from training.data import load_data
 
 SERVERS = {

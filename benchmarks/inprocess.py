@@ -29,10 +29,10 @@ from pathlib import Path
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from models.compiled import CompiledModel
-from models.compiler import compile_pipeline, learner_parity, parity_report
+from models.onnx_session import CompiledModel
 from models.schema import FEATURE_NAMES, FEATURES, TARGET, frame_from_rows, validate_frame
 from models.store import distribution_version
+from training.onnx_export import compile_pipeline, learner_parity, parity_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "Churn_Modelling.csv"

@@ -4,7 +4,7 @@
     python -m benchmarks.jobs --rows 50000 --duration 5
 
 Real parts only: redis-server, `bentoml serve service:BankChurn` with BANKCHURN_REDIS_URL,
-the dataset's customers repeated into a CSV (tests.helpers.customers_csv).
+the dataset's customers repeated into a CSV (harness.data.customers_csv).
 
 1. Throughput: one server (one job worker) pinned to CPU 0, Redis on CPU 1; a --rows file
    submitted and scored; rows/s from the job's start to its completion (and from submission).
@@ -37,8 +37,9 @@ import httpx
 import psutil
 
 from benchmarks.http import commit, machine, run_wrk, write_script
-from tests.fleet import RedisServer
-from tests.helpers import ROOT, ServeProcess, customers_csv, submit_job
+from harness.data import customers_csv, submit_job
+from harness.fleet import RedisServer
+from harness.servers import ROOT, ServeProcess
 
 FINAL = ("completed", "failed", "cancelled")
 

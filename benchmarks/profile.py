@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.http import commit, machine, run_wrk, write_script
-from tests.helpers import ROOT, ServeProcess
+from harness.servers import ROOT, ServeProcess
 
 # Owners by file path, checked from the leaf frame towards the root; the first frame with an
 # owner takes the sample. py-spy prints paths relative to site-packages or the working

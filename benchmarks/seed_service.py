@@ -1,5 +1,5 @@
 """The seeds' pattern, for comparison: a sync predict on a 4-thread pool, one DataFrame per
-request, the scikit-learn pipeline (ADR-015's ThreadPoolExecutor(max_workers=4)).
+request, the scikit-learn pipeline on a ThreadPoolExecutor(max_workers=4), as the seed documents' fix did.
 
     bentoml serve benchmarks.seed_service:SeedPattern
 """

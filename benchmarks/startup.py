@@ -43,7 +43,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.http import bodies_for, commit, machine
-from tests.helpers import ROOT, ServeProcess
+from harness.servers import ROOT, ServeProcess
 
 SERVERS = {
     "bare": ("benchmarks.bare_service:Bare", {}, "bare BentoML endpoint: pydantic schema, constant answer"),

@@ -31,7 +31,7 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 # The hyperparameters a params file may set: only options that change tree shapes, leaf values
-# or coefficients, which models.compiler reproduces exactly. Options that change how a model
+# or coefficients, which training.onnx_export reproduces exactly. Options that change how a model
 # predicts (categorical splits, LightGBM's zero_as_missing, linear trees, XGBoost's dart
 # booster, class weights that un-normalise forest leaves) are left out on purpose.
 TUNABLE: dict[str, frozenset[str]] = {
@@ -155,7 +155,7 @@ class LogOdds(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X):
-        # The compiled graph (models.compiler) evaluates exactly this: Clip, Log, Sub.
+        # The compiled graph (training.onnx_export) evaluates exactly this: Clip, Log, Sub.
         p = np.clip(np.asarray(X, dtype=np.float64), self.eps, 1.0 - self.eps)
         return np.log(p) - np.log(1.0 - p)
 

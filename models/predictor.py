@@ -41,7 +41,7 @@ class Predictor:
         self.backend = "sklearn"
         self.backend_reason = "no compiled model in the model-store entry"
         if prefer_compiled and compiled_meta.get("enabled") and compiled_meta.get("passed"):
-            from models.compiled import CompiledModel
+            from models.onnx_session import CompiledModel
 
             blob = bundle.files.get(COMPILED_FILE)
             if blob is not None:

@@ -60,8 +60,6 @@ NUMERIC_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind != 
 CATEGORICAL_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "category")
 TARGET = "Exited"
 ID_COLUMN = "CustomerId"
-# Identifiers: present in the CSV, never features.
-IDENTIFIER_COLUMNS: tuple[str, ...] = ("RowNumber", "CustomerId", "Surname")
 
 EXAMPLE_CUSTOMER: dict[str, Any] = {
     "CreditScore": 619,

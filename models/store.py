@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,6 +22,10 @@ import bentoml
 from models.schema import FEATURE_NAMES, schema_dict
 
 MODEL_NAME = "bank_churn"
+# The tag serving loads unless BANKCHURN_MODEL_TAG names another; `python -m training --if-missing`
+# looks for the same one.
+MODEL_TAG_ENV = "BANKCHURN_MODEL_TAG"
+DEFAULT_MODEL_TAG = f"{MODEL_NAME}:latest"
 PIPELINE_FILE = "pipeline.joblib"
 BACKGROUND_FILE = "background.json"
 COMPILED_FILE = "pipeline.onnx"  # ONNX Runtime model, saved only when its parity check passed
@@ -77,6 +82,11 @@ def save_model(
             with open(ref.path_of(name), "wb") as fh:
                 fh.write(blob)
     return ref
+
+
+def served_tag() -> str:
+    """The tag a server started in this environment serves (BANKCHURN_MODEL_TAG, else latest)."""
+    return os.environ.get(MODEL_TAG_ENV) or DEFAULT_MODEL_TAG
 
 
 def get_stored(tag: str) -> bentoml.Model:

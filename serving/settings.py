@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.store import MODEL_NAME
+from models.store import DEFAULT_MODEL_TAG
 
 # Secrets as files (a Kubernetes Secret volume): a file named like the variable, e.g.
 # /run/secrets/bank-churn/BANKCHURN_REDIS_URL for a managed Redis whose URL holds a password.
@@ -22,7 +22,7 @@ class Settings(BaseSettings):
         env_prefix="BANKCHURN_", extra="ignore", secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None
     )
 
-    model_tag: str = Field(f"{MODEL_NAME}:latest", description="model-store tag to serve")
+    model_tag: str = Field(DEFAULT_MODEL_TAG, description="model-store tag to serve")
     use_compiled: bool = Field(True, description="serve the ONNX model when its parity check passed")
     inference_threads: int = Field(1, ge=1, le=64, description="threads running predictions")
     runtime_threads: int = Field(1, ge=1, le=64, description="intra-op threads of the compiled runtime")

@@ -20,11 +20,23 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.helpers import serving  # noqa: E402
+from harness.servers import serving  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_HOME, ignore_errors=True)
+
+
+# Fixtures that start something outside the test process (a `bentoml serve`, a redis-server, a
+# Bento build, the manifest scanner): a test using one is in the `integration` tier, whatever
+# its module. `make test-fast` runs the rest.
+INTEGRATION_FIXTURES = frozenset({"server", "redis_server", "bento", "full_bento", "checkov_report", "pinned_server"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from harness.servers import ROOT
 
 
 def _build(trained, *args: str) -> Path:
@@ -58,7 +58,7 @@ def test_bento_holds_only_serving_code(bento):
         p.relative_to(ROOT).as_posix() for d in ("models", "serving") for p in (ROOT / d).rglob("*.py")
     }
     assert serving_code <= files, sorted(serving_code - files)
-    forbidden = ("data/", "tests/", "reports/", "training/", "deploy/", ".venv", "__pycache__", "benchmarks/")
+    forbidden = ("data/", "tests/", "reports/", "training/", "deploy/", ".venv", "__pycache__", "benchmarks/", "harness/")
     assert not [f for f in files if f.startswith(forbidden) or "__pycache__" in f], files
 
 

@@ -21,15 +21,8 @@ import onnx
 import pandas as pd
 import pytest
 
-from models.compiled import CompiledModel
-from models.compiler import (
-    TOLERANCE,
-    UnsupportedModelError,
-    compile_pipeline,
-    learner_parity,
-    parity_report,
-)
 from models.ensemble import build_pipeline
+from models.onnx_session import CompiledModel
 from models.schema import (
     EXAMPLE_CUSTOMER,
     FEATURE_NAMES,
@@ -41,6 +34,13 @@ from models.schema import (
     validate_frame,
 )
 from models.store import COMPILED_FILE
+from training.onnx_export import (
+    TOLERANCE,
+    UnsupportedModelError,
+    compile_pipeline,
+    learner_parity,
+    parity_report,
+)
 from training.records import load_params
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "Churn_Modelling.csv"

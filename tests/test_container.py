@@ -38,9 +38,9 @@ import httpx
 import pytest
 from packaging.requirements import Requirement
 
+from harness.servers import free_port
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
 from serving.v2 import columnar_request
-from tests.helpers import free_port
 
 pytestmark = pytest.mark.container
 

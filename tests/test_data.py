@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.servers import ROOT
 from models.schema import DataValidationError, validate_frame
-from tests.helpers import ROOT
 from training.data import DEFAULT_DATA, load_data
 
 

@@ -1,6 +1,6 @@
 """Fault behaviour of a real `bentoml serve`: overload, request timeouts, SIGTERM, bad models.
 
-Every test here drives real `bentoml serve service:BankChurn` subprocesses (tests.helpers.
+Every test here drives real `bentoml serve service:BankChurn` subprocesses (harness.servers.
 ServeProcess), started with BANKCHURN_* overrides. The servers one module needs are started
 together, so their start-ups overlap, and stopped at module teardown.
 
@@ -30,8 +30,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from harness.servers import ServeProcess, metric
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, json_customer
-from tests.helpers import ServeProcess, metric
+
+pytestmark = pytest.mark.integration  # real `bentoml serve` processes
 
 # ---------------------------------------------------------------------------------------------
 # raw HTTP client

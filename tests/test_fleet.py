@@ -1,7 +1,7 @@
 """Scoring jobs on a real fleet: Redis, two `bentoml serve` replicas, haproxy in front.
 
 What a Kubernetes deployment of this service meets, reproduced with real processes
-(tests/fleet.py): round-robin balancing over replicas, a replica killed outright, a rolling
+(harness/fleet.py): round-robin balancing over replicas, a replica killed outright, a rolling
 restart under load, and the job store going away and coming back. Every call goes through
 the load balancer unless a test talks to one replica on purpose.
 """
@@ -17,9 +17,12 @@ import httpx
 import numpy as np
 import pytest
 
+from harness.data import customers_csv, submit_job
+from harness.fleet import Fleet, wait_for_job
+from harness.servers import metric
 from models.schema import FEATURE_NAMES, json_customer
-from tests.fleet import Fleet, wait_for_job
-from tests.helpers import customers_csv, metric, submit_job
+
+pytestmark = pytest.mark.integration  # real `bentoml serve` processes
 
 ROWS = 200_000  # the largest file a job takes by default (BANKCHURN_MAX_CSV_ROWS)
 

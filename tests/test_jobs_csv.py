@@ -8,10 +8,10 @@ import io
 import orjson
 import pytest
 
+from harness.data import customers_csv
 from models.predictor import load_predictor
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, row_values
 from serving.jobs.csvfile import Chunks, CsvRejected, chunk_as_csv, inspect_upload, score_chunk
-from tests.helpers import customers_csv
 
 HEADER = ["CustomerId", *FEATURE_NAMES]
 GOOD = [str(EXAMPLE_CUSTOMER[n]) for n in FEATURE_NAMES]

@@ -11,9 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.data import customers_csv, submit_job
+from harness.fleet import wait_for_job
+from harness.servers import metric
 from models.schema import FEATURE_NAMES, json_customer
-from tests.fleet import wait_for_job
-from tests.helpers import customers_csv, metric, submit_job
+
+pytestmark = pytest.mark.integration  # real `bentoml serve` processes
 
 
 def _csv(rows: list[dict]) -> bytes:

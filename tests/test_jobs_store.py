@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from harness.fleet import RedisServer
+from harness.servers import free_port
 from serving.jobs.manager import redis_client
 from serving.jobs.store import MemoryJobStore, RedisJobStore, StoreUnavailable, is_job_id, new_job_id
-from tests.fleet import RedisServer
-from tests.helpers import free_port
 
 TTL = 120
 
@@ -23,14 +23,12 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(params=["embedded", "redis"])
-def make_store(request, redis_server):
-    def make():
-        if request.param == "embedded":
-            return MemoryJobStore(TTL)
-        return RedisJobStore(redis_client(redis_server.url), TTL)
-
-    return make
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.integration)])
+def make_store(request):
+    if request.param == "embedded":
+        return lambda: MemoryJobStore(TTL)
+    url = request.getfixturevalue("redis_server").url  # started only for the Redis cases
+    return lambda: RedisJobStore(redis_client(url), TTL)
 
 
 def run(coro):

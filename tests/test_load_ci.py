@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+import pytest
+
+from harness.servers import ROOT
+
+pytestmark = pytest.mark.integration  # real `bentoml serve` processes
 
 
 def test_ci_load_profile_has_no_failures(server, tmp_path):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
+from harness.servers import metric, serving
 from models.schema import EXAMPLE_CUSTOMER
-from tests.helpers import metric, serving
+
+pytestmark = pytest.mark.integration  # real `bentoml serve` processes
 
 
 def scrape(url: str) -> str:

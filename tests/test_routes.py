@@ -9,8 +9,10 @@ import time
 import httpx
 import pytest
 
+from harness.servers import metric, serving
 from models.schema import EXAMPLE_CUSTOMER
-from tests.helpers import metric, serving
+
+pytestmark = pytest.mark.integration  # real `bentoml serve` processes
 
 CUSTOMER = EXAMPLE_CUSTOMER
 JSON = {"content-type": "application/json"}

@@ -17,8 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.data import customers_csv
+from harness.servers import ROOT, metric, serving
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, json_customer
-from tests.helpers import ROOT, customers_csv, metric, serving
+
+pytestmark = pytest.mark.integration  # real `bentoml serve` processes
 
 
 def post(server, path, payload, **kw):

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.servers import metric
 from models.schema import BY_NAME, EXAMPLE_CUSTOMER, FEATURE_NAMES, NUMERIC_FEATURES, json_customer
 from models.store import MODEL_NAME
 from serving.routes import HttpError
@@ -38,7 +39,6 @@ from serving.v2 import (
     parse_request,
     single_row,
 )
-from tests.helpers import metric
 
 MODEL = f"{PREFIX}/models/{MODEL_NAME}"
 INFER = f"{MODEL}/infer"

@@ -14,6 +14,7 @@ import subprocess
 import httpx
 import pytest
 
+from harness.servers import ROOT
 from models.schema import EXAMPLE_CUSTOMER, json_customer
 from models.store import MODEL_NAME
 from serving.v2 import (
@@ -26,7 +27,8 @@ from serving.v2 import (
     PARAM_THRESHOLD,
     SERVER_NAME,
 )
-from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration  # real `bentoml serve` processes
 
 CLIENTS_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 SCRIPT = ROOT / "tests" / "v2_clients.py"

@@ -70,10 +70,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
 def main(argv: list[str] | None = None) -> int:
     cfg, if_missing = parse_args(argv)
     if if_missing:
-        from models.store import ModelLoadError, get_stored
-        from serving.settings import Settings
+        from models.store import ModelLoadError, get_stored, served_tag
 
-        tag = Settings().model_tag
+        tag = served_tag()
         try:
             print(f"model store has {get_stored(tag).tag}; not training (drop --if-missing to retrain)")
             return 0

@@ -25,13 +25,11 @@ from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold, cr
 from models.ensemble import BASE_LEARNERS, build_pipeline, resolve_params
 from models.schema import FEATURE_NAMES, TARGET
 from training.data import DEFAULT_DATA, development_part, file_sha256, load_data, stratify_split
-from training.evaluate import HIGHER_IS_BETTER, PROBABILITY_METRICS, score_probabilities
+from training.evaluate import HIGHER_IS_BETTER, LEARNERS, PROBABILITY_METRICS, cv_table, score_probabilities
 from training.records import CV_FILE, command_line, load_params, pipeline_sha256, provenance, read_json, write_json
 
-LEARNERS: tuple[str, ...] = ("stack", *BASE_LEARNERS)
 
-
-def library_versions() -> dict[str, str]:
+def numerics_versions() -> dict[str, str]:
     """Versions of the libraries whose numerics the estimate depends on (module versions: the
     XGBoost distribution is xgboost-cpu on Linux, xgboost elsewhere)."""
     import lightgbm
@@ -59,7 +57,7 @@ def cv_key(
         "folds": folds,
         "repeats": repeats,
         "pipeline_sha256": pipeline_sha256(build_pipeline(seed, fast, params=params)),
-        "libraries": library_versions(),
+        "libraries": numerics_versions(),
     }
 
 
@@ -175,26 +173,6 @@ def cross_validate(
         "seconds": round(time.perf_counter() - start, 1),
     }
     return result
-
-
-def cv_table(cv: Mapping[str, Any]) -> str:
-    """Markdown table: mean ± std of each metric for the stack and every learner."""
-    lines = [
-        "| learner | ROC AUC | PR AUC | Brier |",
-        "|---|---|---|---|",
-    ]
-    for name in LEARNERS:
-        cells = [f"{cv[m][name]['mean']:.4f} ± {cv[m][name]['std']:.4f}" for m in PROBABILITY_METRICS]
-        label = f"**{name}**" if name == "stack" else name
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    d = cv["stack_minus_best"]
-    cells = [
-        f"{d[m]['mean']:+.4f} ± {d[m]['std']:.4f} (SE {d[m]['corrected_se']:.4f}; better in {d[m]['stack_better_folds']}"
-        f"/{d[m]['folds']})"
-        for m in PROBABILITY_METRICS
-    ]
-    lines.append(f"| stack − {d['learner']} (paired) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -5,6 +5,7 @@ Markdown, ROC / precision-recall / calibration / cumulative-gains / expected-val
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from sklearn.metrics import (
 )
 from sklearn.pipeline import Pipeline
 
+from models.ensemble import BASE_LEARNERS
 from training.decision import (
     CostModel,
     capture_rate,
@@ -32,6 +34,8 @@ from training.decision import (
     value_curve,
 )
 from training.groups import GROUP_METRICS, group_gaps, group_metrics, largest_gap
+
+LEARNERS: tuple[str, ...] = ("stack", *BASE_LEARNERS)  # the rows of cross-validation tables
 
 PROBABILITY_METRICS: tuple[str, ...] = ("roc_auc", "pr_auc", "brier")
 HIGHER_IS_BETTER = {"roc_auc": True, "pr_auc": True, "brier": False}
@@ -304,8 +308,6 @@ def groups_table(groups: dict[str, Any], gaps: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], y_test: np.ndarray, evaluation: dict[str, Any], out: Path) -> Path:
     """report.json, report.md and the plots in `out`."""
-    from training.cv import cv_table
-
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(
         report, np.asarray(y_test), evaluation["_test_proba"], evaluation["_base_test_proba"], evaluation["_val"], out
@@ -369,3 +371,23 @@ def write_report(report: dict[str, Any], y_test: np.ndarray, evaluation: dict[st
     ]
     (out / "report.md").write_text("\n".join(md))
     return out
+
+
+def cv_table(cv: Mapping[str, Any]) -> str:
+    """Markdown table: mean ± std of each metric for the stack and every learner."""
+    lines = [
+        "| learner | ROC AUC | PR AUC | Brier |",
+        "|---|---|---|---|",
+    ]
+    for name in LEARNERS:
+        cells = [f"{cv[m][name]['mean']:.4f} ± {cv[m][name]['std']:.4f}" for m in PROBABILITY_METRICS]
+        label = f"**{name}**" if name == "stack" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    d = cv["stack_minus_best"]
+    cells = [
+        f"{d[m]['mean']:+.4f} ± {d[m]['std']:.4f} (SE {d[m]['corrected_se']:.4f}; better in {d[m]['stack_better_folds']}"
+        f"/{d[m]['folds']})"
+        for m in PROBABILITY_METRICS
+    ]
+    lines.append(f"| stack − {d['learner']} (paired) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

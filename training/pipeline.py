@@ -201,8 +201,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     extra_files: dict[str, bytes] = {}
     compiled_info: dict[str, Any] = {"enabled": False}
     if cfg.compile:
-        from models.compiled import CompiledModel
-        from models.compiler import compile_pipeline, parity_report
+        from models.onnx_session import CompiledModel
+        from training.onnx_export import compile_pipeline, parity_report
 
         def _compile():
             t0 = time.perf_counter()

@@ -99,9 +99,6 @@ class JobStore(ABC):
     async def cancel(self, job_id: str) -> str:
         return await self.finish(job_id, "cancelled", "cancelled by the client")
 
-    @abstractmethod
-    async def ping(self) -> None: ...
-
     async def close(self) -> None:
         return None
 
@@ -246,9 +243,6 @@ class RedisJobStore(JobStore):
         )
         return out.decode() if isinstance(out, bytes) else out
 
-    async def ping(self) -> None:
-        await self._call("ping", self.redis.ping())
-
     async def close(self) -> None:
         await self.redis.aclose()
 
@@ -358,6 +352,3 @@ class MemoryJobStore(JobStore):
         self._uploads.pop(job_id, None)
         self._touch(job_id)
         return status
-
-    async def ping(self) -> None:
-        return None

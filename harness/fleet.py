@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.helpers import ServeProcess, free_port
+from harness.servers import ServeProcess, free_port
 
 BACKEND = "replicas"
 

@@ -1,5 +1,5 @@
 """Compiles the fitted stacking pipeline into one ONNX graph (training side; the runtime is
-models.compiled, which needs only ONNX Runtime and NumPy).
+models.onnx_session, which needs only ONNX Runtime and NumPy).
 
 The graph is written here node by node from the fitted trees and coefficients, rather than with
 skl2onnx/onnxmltools' converters, because the converters evaluate every tree in float32 (inputs,
@@ -51,7 +51,7 @@ import onnx
 import pandas as pd
 from onnx import TensorProto, helper, numpy_helper
 
-from models.compiled import BASE_OUTPUT, NUMERIC_INPUT, OUTPUT, CompiledModel
+from models.onnx_session import BASE_OUTPUT, NUMERIC_INPUT, OUTPUT, CompiledModel
 from models.schema import BY_NAME, CATEGORICAL_FEATURES, FEATURE_NAMES, NUMERIC_FEATURES
 
 TOLERANCE = 1e-6
@@ -562,7 +562,7 @@ def compile_pipeline(pipeline: Any) -> bytes:
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
-        producer_name="bank-churn models.compiled",
+        producer_name="bank-churn training.onnx_export",
         producer_version="1",
         doc_string="Bank churn stacking pipeline; inputs: numeric (double, NUMERIC_FEATURES order), "
         + ", ".join(f"{c} (string)" for c in CATEGORICAL_FEATURES)

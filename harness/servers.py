@@ -1,4 +1,5 @@
-"""Test helpers: a real `bentoml serve` subprocess, free ports, JSON payload helpers."""
+"""A real `bentoml serve` of this repo's service in a subprocess, free ports, and reading /metrics:
+what the tests and the benchmarks both start."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
 def free_port() -> int:
@@ -144,24 +145,3 @@ def serving(**kwargs) -> Iterator[ServeProcess]:
         yield proc
     finally:
         proc.stop()
-
-
-DATA = ROOT / "data" / "Churn_Modelling.csv"
-
-
-def customers_csv(rows: int) -> bytes:
-    """A CSV of `rows` real customers: the dataset's rows repeated, each CustomerId made
-    unique (it becomes the data row number), other columns as in the dataset. Data row r
-    (1-based) is dataset row (r - 1) % 10,000."""
-    header, *lines = DATA.read_text().splitlines()
-    id_at = header.split(",").index("CustomerId")
-    out = [header]
-    for r in range(rows):
-        fields = lines[r % len(lines)].split(",")  # the dataset has no quoted fields
-        fields[id_at] = str(r + 1)
-        out.append(",".join(fields))
-    return ("\n".join(out) + "\n").encode()
-
-
-def submit_job(url: str, data: bytes, filename: str = "customers.csv", timeout: float = 60) -> httpx.Response:
-    return httpx.post(f"{url}/jobs", files={"file": (filename, data, "text/csv")}, timeout=timeout)

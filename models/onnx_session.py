@@ -1,5 +1,5 @@
 """The compiled churn pipeline at serving time: an ONNX Runtime session over the graph that
-models.compiler builds, fed from validated rows. Needs only ONNX Runtime and NumPy, so a
+training.onnx_export builds, fed from validated rows. Needs only ONNX Runtime and NumPy, so a
 server that serves the compiled model never imports scikit-learn, XGBoost or LightGBM."""
 
 from __future__ import annotations

@@ -1,0 +1,27 @@
+"""Customer files and job submissions built from the real dataset, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import httpx
+
+from harness.servers import ROOT
+
+DATA = ROOT / "data" / "Churn_Modelling.csv"
+
+
+def customers_csv(rows: int) -> bytes:
+    """A CSV of `rows` real customers: the dataset's rows repeated, each CustomerId made
+    unique (it becomes the data row number), other columns as in the dataset. Data row r
+    (1-based) is dataset row (r - 1) % 10,000."""
+    header, *lines = DATA.read_text().splitlines()
+    id_at = header.split(",").index("CustomerId")
+    out = [header]
+    for r in range(rows):
+        fields = lines[r % len(lines)].split(",")  # the dataset has no quoted fields
+        fields[id_at] = str(r + 1)
+        out.append(",".join(fields))
+    return ("\n".join(out) + "\n").encode()
+
+
+def submit_job(url: str, data: bytes, filename: str = "customers.csv", timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{url}/jobs", files={"file": (filename, data, "text/csv")}, timeout=timeout)
