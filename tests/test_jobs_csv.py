@@ -43,9 +43,9 @@ def csv_bytes(rows: list[list[str]], header: list[str] = HEADER) -> bytes:
 
 
 def reduce(data: bytes, max_rows: int = 200_000, chunk_rows: int = 5000) -> tuple[Upload, list[list[list[str]]]]:
-    out = tempfile.TemporaryFile()
-    upload = reduce_upload(io.BytesIO(data), max_rows, chunk_rows, out)
-    return upload, [read_chunk(upload.chunk(i)) for i in range(len(upload.chunks))]
+    with tempfile.TemporaryFile() as out:
+        upload = reduce_upload(io.BytesIO(data), max_rows, chunk_rows, out)
+        return upload, [read_chunk(upload.chunk(i)) for i in range(len(upload.chunks))]
 
 
 @pytest.mark.parametrize(
@@ -85,9 +85,8 @@ def test_only_the_models_columns_and_the_customer_id_are_kept_in_schema_order():
     header = ["RowNumber", "Surname", "Age", "CustomerId", *[n for n in FEATURE_NAMES if n != "Age"], "Exited"]
     values = dict(zip(FEATURE_NAMES, GOOD, strict=True))
     row = ["1", "Hargrave", values["Age"], "15634602", *[values[n] for n in FEATURE_NAMES if n != "Age"], "1"]
-    upload, (chunk,) = reduce(csv_bytes([row], header))
-    kept = upload.chunk(0).decode()
-    assert "Hargrave" not in kept and chunk == [["1", "", "15634602", *GOOD]]
+    _, (chunk,) = reduce(csv_bytes([row], header))
+    assert chunk == [["1", "", "15634602", *GOOD]]  # Surname, RowNumber and Exited are gone
 
 
 def test_chunks_are_bounded_by_rows_and_by_bytes_and_keep_every_row_once():
