@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     )
     job_attempts: int = Field(5, ge=1, le=100, description="tries of a job whose workers die before it fails")
     job_timeout_s: int = Field(3600, ge=10, description="longest a single try of a job may run")
+    job_reconcile_s: int = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="how often a job worker walks the live jobs for ones a Redis outage left without a "
+        "queue entry (re-queued, or failed if never accepted); a job is looked at once untouched for twice this",
+    )
     job_queue: str = Field("bank_churn", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="queue name in Redis")
 
     @model_validator(mode="after")

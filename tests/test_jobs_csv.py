@@ -116,7 +116,11 @@ def _hostile() -> list[tuple[str, bytes, str]]:
         ("stray-quote", HEAD + b"\n" + row + b'\n"1"x,2\n', "',' expected after '\"'"),
         ("long-kept-cell", HEAD + b"\n" + b"y" * 500 + b"," + row[2:], "column CustomerId: a cell of 500 characters"),
         ("blank-lines", HEAD + b"\n" + b"\n" * HUGE, "blank lines and 0 data rows"),
-        ("not-utf8-later", HEAD + b"\n" + row + b"\n" + row.replace(b"France", b"Fr\xe9nce"), "byte 0xe9 at offset 167"),
+        (
+            "not-utf8-later",
+            HEAD + b"\n" + row + b"\n" + row.replace(b"France", b"Fr\xe9nce"),
+            "byte 0xe9 at offset 167",
+        ),
     ]
 
 
@@ -152,10 +156,16 @@ def test_a_chunk_scores_valid_rows_like_the_model_and_reports_each_bad_one(predi
     assert [(p["row"], p["CustomerId"]) for p in predictions] == [(1, "1"), (7, "7"), (8, "8")]
     expected = predictor.predict_rows([row_values(EXAMPLE_CUSTOMER), row_values({**EXAMPLE_CUSTOMER, "Age": 43})])
     assert [p["churn_probability"] for p in predictions] == [expected[0], expected[1], expected[0]]
-    assert [p["will_churn"] for p in predictions] == [p["churn_probability"] >= predictor.threshold for p in predictions]
+    assert [p["will_churn"] for p in predictions] == [
+        p["churn_probability"] >= predictor.threshold for p in predictions
+    ]
     by_row = {e["row"]: e["error"] for e in errors}
     assert list(by_row) == [2, 3, 4, 5, 6]
-    assert by_row[2].startswith("Age: ") and "unable to parse 'old'" in by_row[2] and "an integer in [18, 100]" in by_row[2]
+    assert (
+        by_row[2].startswith("Age: ")
+        and "unable to parse 'old'" in by_row[2]
+        and "an integer in [18, 100]" in by_row[2]
+    )
     assert by_row[3].startswith("Balance: Input should be greater than or equal to 0")
     assert by_row[4].startswith("Geography: Input should be 'France', 'Germany' or 'Spain'")
     assert "Age: " in by_row[5] and "empty cell" in by_row[5] and "HasCrCard: " in by_row[5]
@@ -179,7 +189,7 @@ def test_a_repeated_column_is_read_from_its_first_occurrence(predictor):
 @pytest.mark.parametrize(
     ("cell", "shown"),
     [
-        ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
         ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
         ("-2+3", "'-2+3"),
         ("@SUM(A1:A2)", "'@SUM(A1:A2)"),
@@ -195,12 +205,12 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(cell, shown):
 
 
 def test_formula_ids_and_error_text_come_out_as_text_in_the_csv_result(predictor):
-    rows = [["=HYPERLINK(\"http://evil\")", *GOOD], ["@SUM(1)", *GOOD[:3], "=1+1", *GOOD[4:]]]
+    rows = [['=HYPERLINK("http://evil")', *GOOD], ["@SUM(1)", *GOOD[:3], "=1+1", *GOOD[4:]]]
     _, (chunk,) = reduce(csv_bytes(rows))
     result = score_chunk(predictor, chunk, with_id=True)
     text = chunk_as_csv(result.predictions, result.errors, with_id=True).decode()
     lines = list(csv.reader(io.StringIO(text)))
-    assert lines[0][1] == "'=HYPERLINK(\"http://evil\")" and lines[1][1] == "'@SUM(1)"
+    assert lines[0][1] == '\'=HYPERLINK("http://evil")' and lines[1][1] == "'@SUM(1)"
     assert all(not cell.startswith(("=", "+", "-", "@", "\t", "\r")) for line in lines for cell in line)
     # JSON is unchanged: the client's own strings
-    assert orjson.loads(b"[" + result.predictions + b"]")[0]["CustomerId"] == "=HYPERLINK(\"http://evil\")"
+    assert orjson.loads(b"[" + result.predictions + b"]")[0]["CustomerId"] == '=HYPERLINK("http://evil")'

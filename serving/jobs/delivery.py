@@ -56,8 +56,9 @@ class LocalDelivery:
             finally:
                 self._running.pop(key, None)
 
-    async def enqueue(self, key: str, ttl_s: int) -> None:
+    async def enqueue(self, key: str, ttl_s: int) -> bool:
         self._queue.put_nowait(key)
+        return True
 
     async def cancel(self, key: str) -> None:
         # Nothing to interrupt: the store refuses a cancelled job's further chunks, so its run
@@ -180,14 +181,13 @@ class SaqDelivery:
         finally:
             beating.cancel()
 
-    async def enqueue(self, key: str, ttl_s: int) -> None:
+    async def enqueue(self, key: str, ttl_s: int) -> bool:
+        """Queue the job; False if saq still holds its key as incomplete (queued, active, or
+        a stale entry its sweep has yet to clear)."""
         from saq import Job
 
         job = Job(JOB_FUNCTION, kwargs={"key": key}, key=key, ttl=ttl_s, **self._job_options)
-        if await self.queue.enqueue(job) is None:
-            # saq refuses a key it still holds as incomplete (queued or active): the job is
-            # queued already, which is what the caller wants.
-            logger.info("job %s is queued already", key[:12])
+        return await self.queue.enqueue(job) is not None
 
     async def cancel(self, key: str) -> None:
         job = await self.queue.job(key)

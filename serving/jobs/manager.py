@@ -16,7 +16,7 @@ run that ends with a chunk missing scores the missing chunks again.
 
 Nothing is left queued or running when Redis recovers from an outage: the worker's store
 calls wait for Redis (STORE_PATIENCE_S) instead of abandoning the job, and a reconciler on
-the job workers (RECONCILE_S) walks the live jobs: one whose queue entry was lost is queued
+the job workers (BANKCHURN_JOB_RECONCILE_S) walks the live jobs: one whose queue entry was lost is queued
 again (or failed, once its attempts are used up), one that was never accepted (its client
 got a 503) is failed.
 """
@@ -82,17 +82,13 @@ PUBLIC_TEXT = (
     "worker",
     "error",
 )
-# How long a request waits for its best-effort clean-up after the store failed it.
-CLEANUP_S = 1.0
+# How long a best-effort clean-up (in the background) may take after the store failed a request.
+CLEANUP_S = 5.0
 # How long a worker waits for a job's acceptance (set by the API right after the enqueue).
 ACCEPT_WAIT_S = 5.0
 # How long a worker's store call waits for Redis to come back before the run gives up (the
 # job is then re-run by the queue's retry or the reconciler).
 STORE_PATIENCE_S = 600.0
-# How often the reconciler runs (one worker of the fleet per period), and how long a live
-# job must have been left untouched before it looks at it.
-RECONCILE_S = 30
-RECONCILE_GRACE_S = 60.0
 MAX_SCORING_PASSES = 3
 
 
@@ -128,6 +124,7 @@ class JobManager:
         slots = settings.max_concurrent_uploads
         self.upload_pool = InferencePool(slots, max_queue=slots, name="uploads", nice=JOB_THREAD_NICE)
         self.running = 0
+        self._cleanups: set[asyncio.Future] = set()
         self.store: JobStore
         self._reconciler: asyncio.Task | None = None
         if settings.redis_url:
@@ -156,8 +153,12 @@ class JobManager:
                 logger.warning("BANKCHURN_JOB_WORKERS=0 without BANKCHURN_REDIS_URL: jobs are accepted but never run")
 
     async def start(self) -> None:
-        # A worker whose `bentoml serve` was killed outright must not go on taking jobs.
-        exit_with_parent()
+        import bentoml
+
+        if bentoml.server_context.worker_index is not None:
+            # A `bentoml serve` worker whose arbiter was killed outright must not go on taking
+            # jobs (watchdog.py). Not in-process servers (tests): their parent is not an arbiter.
+            exit_with_parent()
         await self.delivery.start()
         if self.backend == "redis" and self.settings.job_workers > 0:
             self._reconciler = asyncio.create_task(self._reconcile_forever(), name="job-reconciler")
@@ -185,7 +186,7 @@ class JobManager:
             try:
                 await self._stage(key, upload)
             except StoreUnavailable:
-                await _quietly(self.store.discard_upload(key))
+                self._later(self.store.discard_upload(key))  # the client's 503 does not wait for it
                 raise
         stamp = now_iso()
         record = {
@@ -208,12 +209,13 @@ class JobManager:
         }
         await self.store.create(key, record)
         try:
-            await self.delivery.enqueue(key, self.settings.job_ttl_s)
+            if not await self.delivery.enqueue(key, self.settings.job_ttl_s):
+                raise RuntimeError("the queue refused a new job's key")  # a fresh 128-bit id: not expected
             await self.store.accept(key)
         except Exception as exc:
-            # Not accepted: the client gets a 503. Fail the record now if the store lets us;
-            # else the worker (ACCEPT_WAIT_S) or the reconciler fails it: it never runs.
-            await _quietly(self.store.finish(key, "failed", "not accepted: the job store failed during submission"))
+            # Not accepted: the client gets a 503 (at once). Fail the record if the store lets
+            # us; else the worker (ACCEPT_WAIT_S) or the reconciler fails it: it never runs.
+            self._later(self.store.finish(key, "failed", "not accepted: the job store failed during submission"))
             if isinstance(exc, StoreUnavailable):
                 raise
             from serving.jobs.redisconn import describe, store_errors
@@ -226,6 +228,12 @@ class JobManager:
         telemetry.JOBS.labels("submitted").inc()
         logger.info("job %s queued: %d rows in %d chunks", record["ref"], upload.rows, len(upload.chunks))
         return public(record, job_id)
+
+    def _later(self, cleanup: Awaitable[Any]) -> None:
+        """A best-effort store call in the background (kept referenced until it is done)."""
+        task = asyncio.ensure_future(_quietly(cleanup))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def _stage(self, key: str, upload: Upload) -> None:
         for index in range(len(upload.chunks)):
@@ -451,17 +459,19 @@ class JobManager:
     # ------------------------------------------------------------------ the reconciler
 
     async def _reconcile_forever(self) -> None:
+        period = self.settings.job_reconcile_s
         while True:
-            await asyncio.sleep(RECONCILE_S)
+            await asyncio.sleep(period)
             try:
-                if await self.store.lease("reconcile", RECONCILE_S - 1):
-                    await self.reconcile()
+                # one worker of the fleet per period; a job must be untouched for two periods
+                if await self.store.lease("reconcile", max(1, period - 1)):
+                    await self.reconcile(grace_s=2.0 * period)
             except StoreUnavailable:
                 pass  # the next period tries again
             except Exception:
                 logger.exception("job reconciler failed")
 
-    async def reconcile(self, grace_s: float = RECONCILE_GRACE_S) -> dict[str, int]:
+    async def reconcile(self, grace_s: float) -> dict[str, int]:
         """One pass over the live jobs (see the module docstring); returns what it did."""
         from serving.jobs.delivery import LIVE_STATES
 

@@ -3,9 +3,11 @@
 Two clients, because two kinds of call wait very differently:
 
 - the *request* client answers the API (POST /jobs, status, results, cancel) and carries the
-  job store's writes: a short socket timeout (BANKCHURN_REDIS_TIMEOUT_S) and one retry, so a
-  hung Redis (a stopped process, DEBUG SLEEP, a network partition) costs a request at most
-  about 2 x that timeout before its 503, instead of holding it;
+  job store's writes: a short socket timeout (BANKCHURN_REDIS_TIMEOUT_S), so a hung Redis (a
+  stopped process, DEBUG SLEEP, a network partition) costs a request about that timeout before
+  its 503, instead of holding it. A refused or reset connection is retried once (a restarted
+  server leaves dead connections in the pool); a timeout is not (the server is hung: waiting
+  again would only double the wait);
 - the *worker* client carries saq's worker loop, whose dequeue is a blocking BLMOVE of up to
   DEQUEUE_TIMEOUT_S: its socket timeout must be longer than that.
 
@@ -27,6 +29,7 @@ WORKER_SOCKET_TIMEOUT_S = 15  # > DEQUEUE_TIMEOUT_S
 def redis_client(url: str, timeout_s: float = 1.0, ca_file: Path | None = None, retries: int = 1) -> Any:
     """A redis.asyncio client for the job store (see the module docstring)."""
     import redis.asyncio
+    import redis.exceptions
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialWithJitterBackoff
 
@@ -41,9 +44,14 @@ def redis_client(url: str, timeout_s: float = 1.0, ca_file: Path | None = None, 
         socket_timeout=timeout_s,
         socket_keepalive=True,
         health_check_interval=15,
-        # One quick retry rides out a restarted server's dead pooled connections; redis-py's
-        # default (3, backing off to 10 s) would hold a request ~7 s before its 503.
-        retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=0.5), retries=retries),
+        # One quick retry of a refused or reset connection rides out a restarted server's dead
+        # pooled connections; redis-py's default (3 tries of timeouts too, backing off to 10 s)
+        # would hold a request ~45 s before its 503.
+        retry=Retry(
+            ExponentialWithJitterBackoff(base=0.1, cap=0.5),
+            retries=retries,
+            supported_errors=(redis.exceptions.ConnectionError,),
+        ),
         **options,
     )
 
