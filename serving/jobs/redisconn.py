@@ -87,6 +87,8 @@ def describe(exc: BaseException) -> str:
         (e.ConnectionError, "unreachable"),
         (OSError, "unreachable"),
     )
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+        return "not trusted (its TLS certificate does not verify against BANKCHURN_REDIS_CA_FILE or the system's CAs)"
     for kind, reason in kinds:
         if isinstance(exc, kind):
             return reason
