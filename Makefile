@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages lock serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
+.PHONY: install system-packages lock audit serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -23,10 +23,12 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	touch $@
 
 ## Re-resolve uv.lock after editing pyproject.toml, export the Bento's pinned requirements, re-resolve the V2 clients'.
+## The exports carry every file's SHA-256: the image installs exactly the locked artefacts
+## (pip and uv refuse a file whose hash differs: a tampered or substituted upload).
 lock: $(VENV)/.installed
 	$(UV) lock
-	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header -o requirements/serve.txt
-	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header --extra sklearn -o requirements/full.txt
+	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-header -o requirements/serve.txt
+	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-header --extra sklearn -o requirements/full.txt
 	$(UV) pip compile --quiet --python-version 3.11 requirements/clients.in -o requirements/clients.txt
 
 .venv-checkov/.installed:
@@ -65,10 +67,24 @@ serve: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(PY) -m training
 
+## Known vulnerabilities in every locked dependency (serving, extras, dev tools), by pip-audit
+## against PyPI's advisory data: needs pypi.org's JSON API (CI has it). --strict: a package
+## that could not be audited fails the audit too (an audit that checked nothing must not pass).
+## A finding accepted after review goes into AUDIT_IGNORE as `--ignore-vuln ID`, with the reason
+## in SECURITY.md. Where pypi.org cannot be reached, `make test AUDIT=off` skips it, loudly.
+AUDIT ?= on
+AUDIT_IGNORE ?=
+audit: $(VENV)/.installed
+	@if [ "$(AUDIT)" = off ]; then echo "*** make audit SKIPPED (AUDIT=off): the dependencies were NOT checked for vulnerabilities"; exit 0; fi; \
+	mkdir -p build && \
+	$(UV) export --quiet --frozen --all-extras --all-groups --no-emit-project --no-header -o build/audit-requirements.txt && \
+	$(VENV)/bin/pip-audit --requirement build/audit-requirements.txt --require-hashes --disable-pip \
+	  --vulnerability-service pypi --strict --progress-spinner off --desc on $(AUDIT_IGNORE)
+
 ## Second README command: install and run the test suite (what CI runs), the container image
 ## test included (tests/test_container.py: needs root; the base image is cached by its recipe
 ## in $$BANK_CHURN_IMAGE_CACHE, default ~/.cache/bank-churn/images).
-test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages lint
+test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages lint audit
 	$(VENV)/bin/pytest
 
 ## The fast tier, for every edit: lint, the import contracts, and the unit and in-process tests

@@ -182,6 +182,9 @@ def run_fault(
     _wait(lambda: httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()["rows_done"] > 0, 60)
     faults = Faults(redis, directory)
     outcome.running_at_fault = httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()
+    # The fault lasts at least as long as the probes can take (a round takes up to ~4 s against
+    # a hung server): a self-ending fault (DEBUG SLEEP) must not end under the last probes.
+    hold_s = max(hold_s, 4.0 * probes + 1.0)
     faults.apply(name, hold_s)
     started = time.monotonic()
     try:
