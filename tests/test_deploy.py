@@ -166,6 +166,7 @@ OVERLAY_FACTS = [
     ("gke", "FrontendConfig", ("spec", "redirectToHttps", "responseCodeName"), "MOVED_PERMANENTLY_DEFAULT"),
     ("gke", "Ingress", ("spec", "defaultBackend", "service", "name"), APP),
     ("gke", "BackendConfig", ("spec", "healthCheck", "type"), "HTTP"),
+    ("gke", "BackendConfig", ("spec", "securityPolicy", "name"), "bank-churn-edge"),
     ("gke", "BackendConfig", ("spec", "healthCheck", "requestPath"), "/readyz"),
     ("gke", "BackendConfig", ("spec", "healthCheck", "port"), CONTAINER_PORT),
     ("gke", "PodMonitoring", ("spec", "selector", "matchLabels", "app.kubernetes.io/name"), APP),
