@@ -34,7 +34,7 @@ from serving import telemetry
 # Bounds of an upload. Each names a problem a client is told about in a 400.
 MAX_RECORD_CHARS = 1 << 20  # one CSV record (a row, quoted line breaks included)
 MAX_COLUMNS = 1024  # fields of the header or of any row
-MAX_CELL_CHARS = 100  # a kept cell: a feature value or a CustomerId is far shorter
+MAX_CELL_CHARS = 100  # a kept cell: a feature value or a CustomerId is far shorter (longer: the row is reported)
 # Blank lines are skipped, but each costs a parser step: a file of nothing but line breaks
 # would keep a thread busy for half a minute. A blank line after every row (\r\r\n endings)
 # is normal; more than that, plus this slack, is not a CSV of customers.
@@ -114,9 +114,9 @@ def reduce_upload(source: IO[bytes], max_rows: int, chunk_rows: int, out: IO[byt
     """Check an upload and write its reduced form to `out` (see the module docstring).
 
     Refuses (CsvRejected) what cannot become a job: not UTF-8, unreadable CSV (an unclosed
-    quote, a record over MAX_RECORD_CHARS, over MAX_COLUMNS fields, a kept cell over
-    MAX_CELL_CHARS), a missing feature column, no data rows (400), more than max_rows data
-    rows (413). Stops at the first such problem: a hostile file is refused after reading at
+    quote, a record over MAX_RECORD_CHARS, over MAX_COLUMNS fields), a missing feature column,
+    no data rows (400), more than max_rows data rows (413). A row with the wrong number of
+    fields or a kept cell over MAX_CELL_CHARS is kept as a reported row, without its values. Stops at the first such problem: a hostile file is refused after reading at
     most the bytes that show the problem. Memory: one record and one chunk."""
     text = io.TextIOWrapper(source, encoding="utf-8-sig", errors="strict", newline="")
     lines = _Records(text)
@@ -170,12 +170,18 @@ def reduce_upload(source: IO[bytes], max_rows: int, chunk_rows: int, out: IO[byt
                 customer_id = record[id_at] if id_at is not None and id_at < len(record) else ""
                 kept = ([customer_id] if has_id else []) + [""] * len(FEATURE_NAMES)
                 problem = f"wrong number of fields on this line ({len(record)}, the header has {width})"
-            for name, cell in zip(kept_names, kept, strict=True):
-                if len(cell) > MAX_CELL_CHARS:
-                    raise CsvRejected(
-                        f"{where(rows)}, column {name}: a cell of {len(cell):,} characters; "
-                        f"a {name} value has at most {MAX_CELL_CHARS}"
-                    )
+            long = [name for name, cell in zip(kept_names, kept, strict=True) if len(cell) > MAX_CELL_CHARS]
+            if long:
+                # No value of these columns is that long: the row is reported, and the cells are
+                # not kept (a worker's chunk stays small whatever the file holds).
+                problem = "; ".join(
+                    f"{name}: a cell of {len(kept[kept_names.index(name)]):,} characters (at most {MAX_CELL_CHARS})"
+                    for name in long
+                )
+                kept = [
+                    cell[:MAX_CELL_CHARS] if name == ID_COLUMN else ""
+                    for name, cell in zip(kept_names, kept, strict=True)
+                ]
             chunks.add([str(rows), problem, *kept])
     except _TooLong:
         raise CsvRejected(f"{where(rows + 1)} is longer than {MAX_RECORD_CHARS:,} characters") from None
