@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="access log of every route: errors (status >= 400), all, off, or a sampling rate such as 0.01",
     )
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="where tracing spans go")
+    api_keys_file: Path | None = Field(
+        None,
+        description="API keys (serving.auth): every route but the probes and /metrics needs one; "
+        "unset = no authentication (a warning at start-up)",
+    )
 
     # Scoring jobs (serving.jobs). Without a Redis URL the jobs live in this process only.
     redis_url: str | None = Field(
