@@ -229,7 +229,7 @@ def model_ceiling(rows: int = 1000, seconds: float = 5.0) -> dict:
     from models.predictor import load_predictor
     from models.store import get_stored
     from serving.settings import Settings
-    from serving.v2 import parse_request
+    from serving.v2.codec import parse_request
 
     predictor = load_predictor(get_stored(Settings().model_tag))
     blocks = [parse_request(body.encode(), rows) for body in bodies_for("v2_batch", 0)]
