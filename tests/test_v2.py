@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.servers import metric
+from harness.v2 import binary_request, read_binary_response
 from models.schema import BY_NAME, EXAMPLE_CUSTOMER, FEATURE_NAMES, NUMERIC_FEATURES, json_customer
 from models.store import MODEL_NAME
 from serving.v2.codec import (
@@ -80,7 +81,7 @@ def test_server_metadata_and_health(server):
     for path in (PREFIX, f"{PREFIX}/"):
         r = httpx.get(f"{server.url}{path}")
         assert r.status_code == 200
-        assert r.json() == {"name": SERVER_NAME, "version": version("bentoml"), "extensions": []}
+        assert r.json() == {"name": SERVER_NAME, "version": version("bentoml"), "extensions": ["binary_tensor_data"]}
     assert httpx.get(f"{server.url}{PREFIX}/health/live").json() == {"live": True}
     assert httpx.get(f"{server.url}{PREFIX}/health/ready").json() == {"ready": True}
 
@@ -245,6 +246,52 @@ def test_requested_outputs_and_id(server, customers, batch):
     assert [o["name"] for o in r.json()["outputs"]] == [OUTPUT_DECISION, OUTPUT_PROBABILITY]  # as asked, JSON
     # another batch size than the batch's: ONNX Runtime may round the last bit differently
     np.testing.assert_allclose(r.json()["outputs"][1]["data"], batch["probability"][:5], rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- binary tensor data
+
+
+@pytest.mark.parametrize(
+    "binary_inputs, parameters, outputs, binary_outputs",
+    [
+        (None, {}, None, set()),  # every input binary, JSON answers
+        (None, {"binary_data_output": True}, None, {OUTPUT_PROBABILITY, OUTPUT_DECISION}),  # tritonclient's default
+        ({"Age", "Geography", "Balance"}, {}, None, set()),  # binary and JSON inputs mixed
+        (
+            None,
+            {"binary_data_output": True},
+            [{"name": OUTPUT_DECISION, "parameters": {"binary_data": False}}, {"name": OUTPUT_PROBABILITY}],
+            {OUTPUT_PROBABILITY},
+        ),
+    ],
+    ids=["binary-inputs", "binary-outputs", "mixed-inputs", "per-output-choice"],
+)
+def test_binary_tensor_data_gives_predict_batchs_numbers(
+    server, customers, batch, binary_inputs, parameters, outputs, binary_outputs
+):
+    request = {**columnar_request(customers), "parameters": parameters}
+    if outputs is not None:
+        request["outputs"] = outputs
+    r = httpx.post(f"{server.url}{INFER}", **binary_request(request, binary_inputs), timeout=60)
+    assert r.status_code == 200, r.text[:500]
+    length = r.headers.get("inference-header-content-length")
+    assert (length is not None) == bool(binary_outputs)
+    assert r.headers["content-type"] == ("application/octet-stream" if binary_outputs else "application/json")
+    answer = read_binary_response(r.content, length)
+    by_name = {o["name"]: o for o in answer["outputs"]}
+    assert {n for n, o in by_name.items() if "binary_data_size" in o.get("parameters", {})} == binary_outputs
+    assert by_name[OUTPUT_PROBABILITY]["data"] == batch["probability"]
+    if OUTPUT_DECISION in by_name:
+        assert by_name[OUTPUT_DECISION]["data"] == batch["decision"]
+
+
+def test_a_binary_single_row_gives_predicts_numbers(server, customers):
+    for customer in customers[:5]:
+        expected = httpx.post(f"{server.url}/predict", json={"customer": customer}, timeout=30).json()
+        request = {**columnar_request([customer]), "parameters": {"binary_data_output": True}}
+        r = httpx.post(f"{server.url}{INFER}", **binary_request(request), timeout=30)
+        answer = read_binary_response(r.content, r.headers["inference-header-content-length"])
+        assert [o["data"] for o in answer["outputs"]] == [[expected["churn_probability"]], [expected["will_churn"]]]
 
 
 def test_bad_values_name_the_input_and_the_first_bad_row(server, customers):
