@@ -516,13 +516,13 @@ def test_pdb_selects_the_pods_and_leaves_one_running(rendered, target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_network_policy_allows_http_in_and_dns_out_only(rendered, target):
+def test_network_policy_allows_http_and_grpc_in_and_dns_out_only(rendered, target):
     docs = rendered[target]
     policy = _one(docs, "NetworkPolicy")["spec"]
     assert _selects_pods(policy["podSelector"]["matchLabels"], docs)
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
     ingress_ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
-    assert ingress_ports == {CONTAINER_PORT}
+    assert ingress_ports == {CONTAINER_PORT, GRPC_PORT}
     egress_ports = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
     assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", REDIS_PORT)}
     (to_redis,) = [rule for rule in policy["egress"] if rule["ports"] == [{"protocol": "TCP", "port": REDIS_PORT}]]
@@ -629,7 +629,8 @@ def test_no_selector_of_one_part_matches_the_pods_of_another(rendered, target):
     ]
     for kind, name, selector in selectors:
         matched = [pod for pod, labels in pods.items() if all(labels.get(k) == v for k, v in selector.items())]
-        assert matched == [name], f"{kind}/{name} selects the pods of {matched}"
+        part = {f"{APP}-grpc": APP}.get(name, name)  # GKE's gRPC Service is the API's
+        assert matched == [part], f"{kind}/{name} selects the pods of {matched}"
 
 
 @pytest.mark.parametrize("target", TARGETS)
