@@ -117,6 +117,7 @@ class BankChurn:
         # Imported here, in the worker: the arbiter imports this module only to check the model
         # (above), and NumPy would add ~170 modules and ~0.3 s to the start of every pod.
         from models.predictor import load_predictor
+        from serving.batch import PredictBatchRoute
         from serving.jobs.manager import JobManager
         from serving.jobs.routes import JobRoutes
         from serving.v2.rest import OpenInferenceApp
@@ -127,6 +128,11 @@ class BankChurn:
         HOT_ROUTES.configure(settings.request_timeout_s, settings.access_log)
         if settings.predict_route == "hot":
             HOT_ROUTES.route("POST", "/predict", PredictRoute(self.engine, PredictInput, settings.max_body_bytes))
+            HOT_ROUTES.route(
+                "POST",
+                "/predict_batch",
+                PredictBatchRoute(self.engine, BatchInput, settings.max_body_bytes, settings.max_batch_rows),
+            )
         # The Open Inference Protocol (KServe V2); its health and readiness follow self.ready.
         v2 = OpenInferenceApp(self.engine, lambda: self.ready, settings.max_body_bytes, settings.max_batch_rows)
         HOT_ROUTES.mount("/v2", v2)
@@ -187,8 +193,9 @@ class BankChurn:
         self.engine.shutdown()
 
     # ------------------------------------------------------------------ APIs
-    # Over HTTP, POST /predict is answered by the hot route in front of BentoML (serving.online)
-    # with this same request model; this method serves in-process calls and documents the API.
+    # Over HTTP, POST /predict and /predict_batch are answered by hot routes in front of BentoML
+    # (serving.online, serving.batch) with these same request models; these methods serve
+    # in-process calls and document the APIs.
 
     @bentoml.api(input_spec=PredictInput)
     async def predict(self, customer: Customer, explain: bool = False) -> Prediction:  # type: ignore[valid-type]

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:  # imported by the `bentoml serve` arbiter too, which never sees an array
     import numpy as np
@@ -44,6 +44,12 @@ AUTH_FAILURES = Counter(
 # The hot routes (serving.routes) bypass BentoML's own request metrics; these replace them.
 HTTP_REQUESTS = Counter(
     f"{PREFIX}_http_requests_total", "Requests answered by the hot routes", ["route", "method", "status"]
+)
+HTTP_IN_PROGRESS = Gauge(
+    f"{PREFIX}_http_requests_in_progress",
+    "Requests the hot routes are answering now",
+    ["route", "method"],
+    multiprocess_mode="livesum",
 )
 HTTP_SECONDS = Histogram(
     f"{PREFIX}_http_request_duration_seconds",
