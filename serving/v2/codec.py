@@ -672,6 +672,26 @@ def parse_binary_request(body: bytes, header_length: str, max_rows: int) -> Infe
 
 
 _INTEGER_FEATURES = frozenset(n for n in NUMERIC_FEATURES if BY_NAME[n].kind in ("int", "flag"))
+_FLOAT_FEATURES = frozenset(n for n in NUMERIC_FEATURES if BY_NAME[n].kind == "float")
+
+
+def valid_row(values: dict[str, Any]) -> tuple | None:
+    """One row's values by feature (all ten), as the row tuple when /predict's Customer model
+    accepts them; None otherwise. An integral FP64 value of an integer feature is that integer,
+    an INT64 value of an amount that number as a float (what the columns way makes of them)."""
+    row = []
+    for name in FEATURE_NAMES:
+        v = values[name]
+        if type(v) is float and name in _INTEGER_FEATURES and v.is_integer():
+            v = int(v)
+        elif type(v) is int and name in _FLOAT_FEATURES:
+            v = float(v)
+        row.append(v)
+    try:
+        Customer.model_validate(dict(zip(FEATURE_NAMES, row, strict=True)))
+    except pydantic.ValidationError:
+        return None
+    return tuple(row)
 
 
 def _valid_row(columns: dict[str, list | np.ndarray]) -> tuple | None:
