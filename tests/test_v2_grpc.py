@@ -180,6 +180,56 @@ def test_requested_outputs(stub, customers, batch):
     assert outputs(stub.ModelInfer(request)) == {OUTPUT_DECISION: batch["decision"][:3]}
 
 
+# ----------------------------------------------------------------------------- the short way (no server)
+
+
+def _typed_value(name: str, value: Any, datatype: str | None = None) -> Callable[[pb.ModelInferRequest], None]:
+    def change(request: pb.ModelInferRequest) -> None:
+        tensor = next(t for t in request.inputs if t.name == name)
+        tensor.datatype = datatype or tensor.datatype
+        tensor.contents.Clear()
+        field = {"INT64": "int64_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}[tensor.datatype]
+        getattr(tensor.contents, field).append(value)
+
+    return change
+
+
+SHORT_WAY = [
+    ("as-sent", "raw", lambda r: None),
+    ("as-sent", "typed", lambda r: None),
+    ("integral-fp64-for-an-integer", "typed", _typed_value("Age", 42.0, "FP64")),
+    ("fractional-fp64-for-an-integer", "typed", _typed_value("Age", 42.5, "FP64")),
+    ("int64-for-an-amount", "typed", _typed_value("Balance", 100, "INT64")),
+    ("not-a-category", "typed", _typed_value("Geography", b"Italy")),
+    ("out-of-range", "typed", _typed_value("Age", 12)),
+    ("not-utf8", "typed", _typed_value("Gender", b"\xff")),
+    ("shape-n-by-1", "raw", lambda r: [t.shape.append(1) for t in r.inputs]),
+    ("an-input-twice", "raw", lambda r: _twice("Age")(r)),
+    ("an-input-missing", "raw", lambda r: _drop("Age")(r)),
+    ("raw-too-short", "raw", lambda r: _raw("Age", b"\0" * 4)(r)),
+    ("bytes-length-wrong", "raw", lambda r: _raw("Gender", struct.pack("<I", 9) + b"Male")(r)),
+]
+
+
+@pytest.mark.parametrize("case, form, change", SHORT_WAY, ids=[f"{c[0]}-{c[1]}" for c in SHORT_WAY])
+def test_the_short_way_for_one_row_gives_the_long_ways_row_or_steps_aside(case, form, change):
+    from serving.v2.codec import BadRequest
+    from serving.v2.grpc import decode_columns, fast_row
+
+    request = infer_request([EXAMPLE_CUSTOMER], form)
+    change(request)
+    short = fast_row(request)
+    try:
+        long = decode_columns(request, 10_000).row
+    except BadRequest:
+        assert short is None, case
+        return
+    if short is not None:
+        assert short == long and [type(v) for v in short] == [type(v) for v in long], case
+    if case.startswith("as-sent"):
+        assert short is not None
+
+
 # ----------------------------------------------------------------------------- hostile messages
 
 

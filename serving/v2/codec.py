@@ -561,7 +561,7 @@ def columns_from_tensors(
     return _checked(columns, rows, request_id, outputs, binary)
 
 
-def _raw_column(name: str, datatype: str, shape: list, n: int, raw: bytes | memoryview) -> np.ndarray:
+def _raw_column(name: str, datatype: str, shape: list, n: int, raw: bytes | memoryview) -> list | np.ndarray:
     if datatype == BYTES:
         return _raw_strings(name, shape, n, raw)
     itemsize = RAW_DTYPES[datatype].itemsize
@@ -571,6 +571,8 @@ def _raw_column(name: str, datatype: str, shape: list, n: int, raw: bytes | memo
             f"({n} x {itemsize} bytes)"
         )
     array = np.frombuffer(raw, dtype=RAW_DTYPES[datatype])
+    if n <= FEW_ROWS:  # plain values, as JSON's: an INT64 stays an int
+        return array.tolist()
     return array.astype(np.float64)  # a copy: the request's buffer is not kept
 
 
@@ -672,20 +674,17 @@ def parse_binary_request(body: bytes, header_length: str, max_rows: int) -> Infe
 
 
 _INTEGER_FEATURES = frozenset(n for n in NUMERIC_FEATURES if BY_NAME[n].kind in ("int", "flag"))
-_FLOAT_FEATURES = frozenset(n for n in NUMERIC_FEATURES if BY_NAME[n].kind == "float")
 
 
 def valid_row(values: dict[str, Any]) -> tuple | None:
     """One row's values by feature (all ten), as the row tuple when /predict's Customer model
-    accepts them; None otherwise. An integral FP64 value of an integer feature is that integer,
-    an INT64 value of an amount that number as a float (what the columns way makes of them)."""
+    accepts them; None otherwise. An integral FP64 value of an integer feature is that integer
+    (as the columns way makes it)."""
     row = []
     for name in FEATURE_NAMES:
         v = values[name]
         if type(v) is float and name in _INTEGER_FEATURES and v.is_integer():
             v = int(v)
-        elif type(v) is int and name in _FLOAT_FEATURES:
-            v = float(v)
         row.append(v)
     try:
         Customer.model_validate(dict(zip(FEATURE_NAMES, row, strict=True)))

@@ -243,55 +243,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.encode(parsed, proba)
 
     def decode(self, request: pb.ModelInferRequest) -> InferRequest:
-        """A ModelInferRequest's inputs as checked columns (codec.columns_from_tensors): raw
-        contents by their byte length, typed contents by their count, against the shapes. The
-        usual single row is taken the short way (fast_row) when it can be."""
+        """A ModelInferRequest as a checked row or columns: the usual single row the short way
+        (fast_row) when it can be, anything else by decode_columns."""
         row = fast_row(request)
-        if row is not None:
-            outputs = tuple(OUTPUTS)
-            if request.outputs:
-                outputs, _ = requested_outputs(
-                    [{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs]
-                )
-            return InferRequest(request.id or None, outputs, row=row)
-        parameters = _parameters(request.parameters)
-        if PARAM_SHARED_MEMORY_REGION in parameters:
-            raise BadRequest(SHARED_MEMORY_UNSUPPORTED)
-        outputs, _ = requested_outputs(
-            [{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs]
-        )
-        raw = request.raw_input_contents
-        inputs = request.inputs
-        if raw and len(raw) != len(inputs):
-            raise BadRequest(
-                f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs: one per input, in their order"
+        if row is None:
+            return decode_columns(request, self.max_rows)
+        outputs = tuple(OUTPUTS)
+        if request.outputs:
+            outputs, _ = requested_outputs(
+                [{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs]
             )
-        tensors = []
-        for i, tensor in enumerate(inputs):
-            where = f"input {_quote(tensor.name)}" if tensor.parameters or raw or tensor.HasField("contents") else ""
-            if tensor.parameters:
-                input_parameters = _parameters(tensor.parameters)
-                if PARAM_SHARED_MEMORY_REGION in input_parameters:
-                    raise BadRequest(SHARED_MEMORY_UNSUPPORTED)
-                if PARAM_CLASSIFICATION in input_parameters:
-                    raise BadRequest(f"{where}: unknown parameter '{PARAM_CLASSIFICATION}'")
-            shape = list(tensor.shape)
-            has_contents = tensor.HasField("contents")
-            if raw:
-                if has_contents:
-                    raise BadRequest(f"{where}: both contents and raw_input_contents; send one of them")
-                tensors.append(Tensor(tensor.name, tensor.datatype, shape, raw=raw[i]))
-                continue
-            field = CONTENTS_FIELD.get(tensor.datatype)
-            if has_contents:
-                given = [f.name for f, _ in tensor.contents.ListFields()]
-                if field is not None and any(g != field for g in given):
-                    raise BadRequest(
-                        f"{where}: {tensor.datatype} data goes in contents.{field}, found {', '.join(given)}"
-                    )
-            values = getattr(tensor.contents, field) if field is not None else ()
-            tensors.append(Tensor(tensor.name, tensor.datatype, shape, values=values))
-        return columns_from_tensors(tensors, request.id or None, outputs, frozenset(), self.max_rows)
+        return InferRequest(request.id or None, outputs, row=row)
 
     def encode(self, parsed: InferRequest, proba: Any) -> pb.ModelInferResponse:
         """The outputs as raw_output_contents (what Triton answers; every client reads it)."""
@@ -303,6 +265,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=name, datatype=OUTPUTS[name], shape=(rows,))
             response.raw_output_contents.append(raw_output(name, output_data(name, proba, self.engine.threshold)))
         return response
+
+
+def decode_columns(request: pb.ModelInferRequest, max_rows: int) -> InferRequest:
+    """A ModelInferRequest's inputs as checked columns (codec.columns_from_tensors): raw
+    contents by their byte length, typed contents by their count, against the shapes."""
+    parameters = _parameters(request.parameters)
+    if PARAM_SHARED_MEMORY_REGION in parameters:
+        raise BadRequest(SHARED_MEMORY_UNSUPPORTED)
+    outputs, _ = requested_outputs([{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs])
+    raw = request.raw_input_contents
+    inputs = request.inputs
+    if raw and len(raw) != len(inputs):
+        raise BadRequest(
+            f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs: one per input, in their order"
+        )
+    tensors = []
+    for i, tensor in enumerate(inputs):
+        where = f"input {_quote(tensor.name)}" if tensor.parameters or raw or tensor.HasField("contents") else ""
+        if tensor.parameters:
+            input_parameters = _parameters(tensor.parameters)
+            if PARAM_SHARED_MEMORY_REGION in input_parameters:
+                raise BadRequest(SHARED_MEMORY_UNSUPPORTED)
+            if PARAM_CLASSIFICATION in input_parameters:
+                raise BadRequest(f"{where}: unknown parameter '{PARAM_CLASSIFICATION}'")
+        shape = list(tensor.shape)
+        has_contents = tensor.HasField("contents")
+        if raw:
+            if has_contents:
+                raise BadRequest(f"{where}: both contents and raw_input_contents; send one of them")
+            tensors.append(Tensor(tensor.name, tensor.datatype, shape, raw=raw[i]))
+            continue
+        field = CONTENTS_FIELD.get(tensor.datatype)
+        if has_contents:
+            given = [f.name for f, _ in tensor.contents.ListFields()]
+            if field is not None and any(g != field for g in given):
+                raise BadRequest(f"{where}: {tensor.datatype} data goes in contents.{field}, found {', '.join(given)}")
+        values = getattr(tensor.contents, field) if field is not None else ()
+        tensors.append(Tensor(tensor.name, tensor.datatype, shape, values=values))
+    return columns_from_tensors(tensors, request.id or None, outputs, frozenset(), max_rows)
 
 
 _NUMBER = {INT64: struct.Struct("<q"), FP64: struct.Struct("<d")}
