@@ -13,11 +13,13 @@ Nothing is allocated by a shape or a length a client claims: a shape is checked 
 row limit and the data that arrived, and every binary length against the others and the body
 before a byte of it is read.
 
-A single row joins /predict's micro-batches (InferRequest.row). The usual single-row JSON
-request is decoded and bounds-checked from its bytes by msgspec (fast_single_row, ~11 us
-against ~27 us for orjson + Python checks), or else checked by /predict's compiled request
-model (_valid_row); anything else goes the columns way (checked_columns, columns_from_tensors),
-which also words every error.
+A single row joins /predict's micro-batches (InferRequest.row). One short way per wire format
+for the usual single-row request, each held by the tests to the columns way's rows: JSON
+decoded and bounds-checked from its bytes by msgspec (fast_single_row, ~11 us against ~27 us
+for orjson + Python checks), protobuf read field by field (grpc.fast_row: no columns built);
+anything else goes the columns way (checked_columns, columns_from_tensors), which also words
+every error, and a single row found valid there (valid_row, /predict's compiled request model)
+joins the batcher too.
 """
 
 from __future__ import annotations
@@ -262,25 +264,21 @@ def parse_request(body: bytes, max_rows: int) -> InferRequest:
         return fast
     request = _loads(body)
     request_id, outputs, binary = _request_header(request)
-    inputs = request.get("inputs")
-    row = single_row(inputs)
-    if row is not None:
-        return InferRequest(request_id, outputs, row=row, binary=binary)
-    return checked_columns(body, inputs, request_id, outputs, max_rows, binary)
+    return checked_columns(body, request.get("inputs"), request_id, outputs, max_rows, binary)
 
 
 def _single_row_decoder() -> tuple[msgspec.json.Decoder, dict[type, str]]:
     """A decoder for the usual single-row request, straight from its bytes, and the feature
     each input struct stands for: ten inputs (tagged by name) of shape [1], an accepted
     datatype and one value within the schema's bounds; no unknown fields, no strings or
-    booleans for numbers. What it accepts, single_row accepts as the same row; everything
+    booleans for numbers. What it accepts, checked_columns accepts as the same row; everything
     else takes the long way, which words any error."""
     inputs = []
     for name in FEATURE_NAMES:
         feat = BY_NAME[name]
         if feat.kind == "category":
             value: Any = Literal[feat.categories]  # type: ignore[valid-type]
-        elif feat.kind == "float":  # an int stays an int, as single_row keeps it
+        elif feat.kind == "float":  # an int stays an int, as checked_columns keeps it
             bounds = {"ge": feat.minimum, "le": feat.maximum}
             value = Annotated[int, msgspec.Meta(**bounds)] | Annotated[float, msgspec.Meta(**bounds)]
         else:  # an integral float for an integer feature takes the long way
@@ -312,7 +310,7 @@ SINGLE_ROW_BODY_BYTES = 4096  # a single-row request is ~700 bytes: bigger bodie
 
 def fast_single_row(body: bytes) -> InferRequest | None:
     """The usual single-row request from its bytes, decoded and checked against the schema's
-    bounds and categories by msgspec in one call (~2.5x cheaper than orjson + single_row);
+    bounds and categories by msgspec in one call (~2.5x cheaper than orjson + Python checks);
     None for anything else (parse_request then reads it the long way and words any error).
     tests/test_v2.py holds it to accept only what checked_columns accepts, as the same row."""
     if len(body) > SINGLE_ROW_BODY_BYTES:
@@ -334,50 +332,6 @@ def fast_single_row(body: bytes) -> InferRequest | None:
         return None
     outputs, binary = requested_outputs(request.outputs, binary_default)
     return InferRequest(request.id, outputs, row=tuple(values[n] for n in FEATURE_NAMES), binary=binary)
-
-
-def single_row(inputs: Any) -> tuple | None:
-    """The usual single-row request, accepted the short way: ten inputs of exactly name, shape
-    [1], an accepted datatype and one plain value, which /predict's own request model (Customer,
-    compiled validation) accepts. Anything else, None: checked_columns decides, and words any error.
-    Never accepts what checked_columns refuses (tests/test_v2.py holds them to the same rows)."""
-    if type(inputs) is not list or len(inputs) != len(FEATURE_NAMES):
-        return None
-    values: dict[str, Any] = {}
-    try:
-        for item in inputs:
-            if len(item) != 4:  # name, shape, datatype, data: no parameters, nothing unknown
-                return None
-            name, shape, datatype, data = item["name"], item["shape"], item["datatype"], item["data"]
-            if (
-                type(shape) is not list
-                or len(shape) != 1
-                or shape[0] != 1
-                or type(shape[0]) is not int
-                or datatype not in ACCEPTED_DATATYPES[name]
-                or type(data) is not list
-                or len(data) != 1
-            ):
-                return None
-            v = data[0]
-            if datatype != BYTES:
-                if type(v) is float:
-                    if datatype == INT64:
-                        return None  # checked_columns accepts an integral one, after its own check
-                    if name in _INTEGER_FEATURES and v.is_integer():
-                        v = int(v)  # an integral FP64 value of an integer feature is that integer
-                elif type(v) is not int:  # bool, str, None, ...: checked_columns says what is wrong
-                    return None
-            values[name] = v
-    except (KeyError, TypeError):  # not a dict, a missing field, an unknown or unhashable name
-        return None
-    if len(values) != len(FEATURE_NAMES):  # a name given twice
-        return None
-    try:
-        Customer.model_validate(values)
-    except pydantic.ValidationError:
-        return None
-    return tuple(values[n] for n in FEATURE_NAMES)
 
 
 class _Inputs:
