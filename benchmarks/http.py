@@ -393,13 +393,19 @@ def model_ceiling(rows: int = 1000, seconds: float = 5.0) -> dict:
     blocks = [parse_request(body.encode(), rows) for body in bodies_for("v2_batch", 0)]
     for b in blocks:
         predictor.predict_columns(b.numeric, b.categorical)
-    calls, start = 0, time.perf_counter()
+    calls, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         b = blocks[calls % len(blocks)]
         predictor.predict_columns(b.numeric, b.categorical)
         calls += 1
     elapsed = time.perf_counter() - start
-    return {"rows": rows, "calls": calls, "ms_per_call": elapsed / calls * 1000, "rows_per_s": calls * rows / elapsed}
+    return {
+        "rows": rows,
+        "calls": calls,
+        "ms_per_call": elapsed / calls * 1000,
+        "cpu_ms_per_call": (time.process_time() - cpu) / calls * 1000,
+        "rows_per_s": calls * rows / elapsed,
+    }
 
 
 def measure_ceiling(pin: bool) -> dict:
@@ -476,6 +482,15 @@ def ratio_rows(
                     out.append(
                         (f"{case} rows/s ÷ the model's own (no HTTP)", c, cell["rows_per_s"] / ceiling["rows_per_s"])
                     )
+                    if cell.get("cpu_ms_per_request") and ceiling.get("cpu_ms_per_call"):
+                        # the share of the server's CPU per request that is the model's own work
+                        out.append(
+                            (
+                                f"{case}: the model's CPU ÷ the server's CPU per request",
+                                c,
+                                ceiling["cpu_ms_per_call"] / cell["cpu_ms_per_request"],
+                            )
+                        )
     return out
 
 
@@ -563,7 +578,8 @@ def markdown(results: dict, ratios: list[tuple[str, int, float]], verdicts: list
         lines += [
             "",
             f"The model alone on the same core (predictor.predict_columns on the same 1,000-row blocks, no HTTP): "
-            f"{m['rows_per_s']:.0f} rows/s, {m['ms_per_call']:.1f} ms per block.",
+            f"{m['rows_per_s']:.0f} rows/s, {m['ms_per_call']:.1f} ms per block "
+            f"({m.get('cpu_ms_per_call', float('nan')):.1f} ms of CPU).",
         ]
     if meta.get("grpc_generator_ceiling"):
         ceiling = ", ".join(f"{r:.0f} at {c}" for c, r in meta["grpc_generator_ceiling"].items())
