@@ -208,6 +208,9 @@ def engine(trained):
 
 
 async def _manager(engine, url: str) -> JobManager:
+    # Database 1: the module's `bentoml serve` (database 0) must not take these jobs, nor its
+    # reconciler reconcile them.
+    url = url.rsplit("/", 1)[0] + "/1"
     manager = JobManager(engine, Settings(redis_url=url, job_workers=0, job_chunk_rows=10))
     await manager.delivery.start()  # the queue only: no worker takes the jobs
     return manager

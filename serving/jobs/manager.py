@@ -48,7 +48,7 @@ from serving.jobs.csvfile import (
     reduce_upload,
     score_chunk,
 )
-from serving.jobs.redisconn import redis_clients
+from serving.jobs.redisconn import describe, redis_clients, store_errors
 from serving.jobs.store import (
     TERMINAL,
     JobStore,
@@ -218,8 +218,6 @@ class JobManager:
             self._later(self.store.finish(key, "failed", "not accepted: the job store failed during submission"))
             if isinstance(exc, StoreUnavailable):
                 raise
-            from serving.jobs.redisconn import describe, store_errors
-
             if isinstance(exc, store_errors()):
                 raise StoreUnavailable(
                     f"the job could not be queued: the job store (Redis) is {describe(exc)}"
