@@ -71,7 +71,8 @@ def markdown(outcomes: list[FaultOutcome], meta: dict) -> str:
             f"Machine: {meta['machine']} (shared, noisy); commit {meta['commit']}; {meta['date']}. "
             f"Command: `{meta['command']}`",
             "",
-            f"A {meta['rows']:,}-row job running when each fault begins; the fault held {meta['hold']:g} s; "
+            f"A {meta['rows']:,}-row job running when each fault begins; the fault held "
+            f"{max(meta['hold'], 4.0 * meta['probes'] + 1.0):g} s (at least --hold, long enough for the probes); "
             f"{meta['probes']} probes of each kind during it. Redis: the manifest's ACL users "
             "(deploy/redis-secret.sh), one `bentoml serve` with one job worker, BANKCHURN_REDIS_TIMEOUT_S=1.",
             "",
