@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages lock protos serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
+.PHONY: install system-packages lock protos audit serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -23,10 +23,12 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	touch $@
 
 ## Re-resolve uv.lock after editing pyproject.toml, export the Bento's pinned requirements, re-resolve the V2 clients'.
+## The exports carry every file's SHA-256: the image installs exactly the locked artefacts
+## (pip and uv refuse a file whose hash differs: a tampered or substituted upload).
 lock: $(VENV)/.installed
 	$(UV) lock
-	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header -o requirements/serve.txt
-	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header --extra sklearn -o requirements/full.txt
+	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-header -o requirements/serve.txt
+	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-header --extra sklearn -o requirements/full.txt
 	$(UV) pip compile --quiet --python-version 3.11 requirements/clients.in -o requirements/clients.txt
 
 ## The gRPC modules of serving/v2 from its .proto (committed; tests/test_v2_grpc.py checks they are up to date).
@@ -51,8 +53,8 @@ install: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed
 
 ## Debian packages the tests and benchmarks run for real: a Redis server and a load balancer
 ## for the fleet tests, wrk for the benchmarks, buildah + debootstrap + curl to build and run
-## the image (no Docker engine). Installed only when missing (needs root or sudo).
-SYSTEM_PACKAGES ?= redis-server haproxy wrk buildah debootstrap curl
+## the image (no Docker engine), openssl for the TLS test's certificates. Installed only when missing (needs root or sudo).
+SYSTEM_PACKAGES ?= redis-server haproxy wrk buildah debootstrap curl openssl
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -70,10 +72,24 @@ serve: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(PY) -m training
 
+## Known vulnerabilities in every locked dependency (serving, extras, dev tools), by pip-audit
+## against PyPI's advisory data: needs pypi.org's JSON API (CI has it). --strict: a package
+## that could not be audited fails the audit too (an audit that checked nothing must not pass).
+## A finding accepted after review goes into AUDIT_IGNORE as `--ignore-vuln ID`, with the reason
+## in SECURITY.md. Where pypi.org cannot be reached, `make test AUDIT=off` skips it, loudly.
+AUDIT ?= on
+AUDIT_IGNORE ?=
+audit: $(VENV)/.installed
+	@if [ "$(AUDIT)" = off ]; then echo "*** make audit SKIPPED (AUDIT=off): the dependencies were NOT checked for vulnerabilities"; exit 0; fi; \
+	mkdir -p build && \
+	$(UV) export --quiet --frozen --all-extras --all-groups --no-emit-project --no-header -o build/audit-requirements.txt && \
+	$(VENV)/bin/pip-audit --requirement build/audit-requirements.txt --require-hashes --disable-pip \
+	  --vulnerability-service pypi --strict --progress-spinner off --desc on $(AUDIT_IGNORE)
+
 ## Second README command: install and run the test suite (what CI runs), the container image
 ## test included (tests/test_container.py: needs root; the base image is cached by its recipe
 ## in $$BANK_CHURN_IMAGE_CACHE, default ~/.cache/bank-churn/images).
-test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages lint
+test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages lint audit
 	$(VENV)/bin/pytest
 
 ## The fast tier, for every edit: lint, the import contracts, and the unit and in-process tests
@@ -96,10 +112,10 @@ format: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-checkov .venv-clients .pytest_cache .ruff_cache build
 
-## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs.
+## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs, hostile uploads (memory), Redis faults.
 bench: $(VENV)/.installed system-packages
 	$(PY) -m training --if-missing
-	@failed=""; for b in inprocess http profile startup jobs; do \
+	@failed=""; for b in inprocess http profile startup jobs uploads redis_faults; do \
 	  echo "== python -m benchmarks.$$b"; $(PY) -m benchmarks.$$b || failed="$$failed $$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "benchmarks with a FAIL verdict or an error:$$failed"; exit 1; fi

@@ -156,7 +156,7 @@ class BankChurn:
         # Scoring jobs: in Redis when BANKCHURN_REDIS_URL is set (any replica answers for any
         # job), else in this process; run by BANKCHURN_JOB_WORKERS workers here.
         self.jobs = JobManager(self.engine, settings)
-        HOT_ROUTES.mount("/jobs", JobRoutes(self.jobs, settings.max_upload_bytes))
+        HOT_ROUTES.mount("/jobs", JobRoutes(self.jobs, settings.max_upload_bytes, settings.max_concurrent_uploads))
         # load_predictor() proved the model with a real prediction, so readiness can turn true
         # as soon as the pools exist.
         # Move everything loaded so far (frameworks, model) out of the cyclic GC's reach:

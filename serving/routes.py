@@ -126,7 +126,7 @@ class AccessLog:
             client[1],
             scope.get("scheme", "http"),
             scope["method"],
-            scope["path"],
+            telemetry.loggable_path(scope),
             status,
             seconds * 1000,
         )
@@ -152,8 +152,9 @@ class RouteTable:
 
     def mount(self, prefix: str, app: ASGIApp) -> None:
         """Serve `prefix` and everything under it with `app`, an ASGI app that answers 404/405
-        itself. Optional attributes of `app`: `openapi_paths()` (merged into /docs.json) and
-        `route_label(scope)` (a low-cardinality label for metrics, e.g. '/jobs/{job_id}'). Mounting
+        itself. Optional attributes of `app`: `openapi_paths()` (merged into /docs.json),
+        `route_label(scope)` (a low-cardinality label for metrics, e.g. '/jobs/{job_id}') and
+        `log_path(path)` (the path as the access log and traces show it, secrets removed). Mounting
         a prefix again replaces its app (each service instance mounts its own; tests make several)."""
         prefix = prefix.rstrip("/")
         self.prefixes = [(p, a) for p, a in self.prefixes if p != prefix] + [(prefix, app)]
@@ -185,6 +186,9 @@ class RouteTable:
         status = 500
         started = False
         timeout_s = getattr(app, "timeout_s", self.timeout_s)  # e.g. uploads take longer
+        log_path = getattr(app, "log_path", None)  # e.g. /jobs/{job_id}: the id is a secret
+        if log_path is not None:
+            scope[telemetry.LOG_PATH_KEY] = log_path(scope["path"])
 
         async def tracked_send(message: Message) -> None:
             nonlocal status, started
@@ -208,7 +212,7 @@ class RouteTable:
                         tracked_send, HttpError(504, f"Not able to process the request in {timeout_s:g} seconds")
                     )
             except Exception:
-                logger.exception("%s %s failed", scope["method"], scope["path"])
+                logger.exception("%s %s failed", scope["method"], telemetry.loggable_path(scope))
                 if not started:
                     await send_error(tracked_send, HttpError(500, "internal error; see the server log"))
             finally:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.store import DEFAULT_MODEL_TAG
@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="CSV uploads above this get 413")
     max_csv_rows: int = Field(200_000, ge=1, description="row limit of a CSV scoring job")
+    max_concurrent_uploads: int = Field(
+        2, ge=1, le=64, description="CSV uploads received and checked at once per process; more get 503 + Retry-After"
+    )
     predict_route: Literal["hot", "bentoml"] = Field(
         "hot",
         description="who answers POST /predict over HTTP: the hot route in front of BentoML's middleware, "
@@ -64,8 +67,20 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None,
         pattern=r"^(redis|rediss|unix)://",
-        description="jobs queue and result store shared by every replica (redis://host:port/db); "
-        "unset = an embedded store in this process (single replica only)",
+        description="jobs queue and result store shared by every replica (redis://[[user]:password@]host:port/db; "
+        "rediss:// for TLS); unset = an embedded store in this process (single replica only)",
+    )
+    redis_ca_file: Path | None = Field(
+        None,
+        description="CA certificate(s) (PEM) that a rediss:// server's certificate must chain to; "
+        "unset = the system's CAs",
+    )
+    redis_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="longest wait for one Redis command of a request (one retry follows); "
+        "a hung Redis costs a request about twice this before its 503",
     )
     job_workers: int = Field(1, ge=0, le=64, description="jobs this process runs at once (0: accept and answer only)")
     job_ttl_s: int = Field(24 * 3600, ge=60, description="how long a finished job's status and result are kept")
@@ -75,4 +90,22 @@ class Settings(BaseSettings):
     )
     job_attempts: int = Field(5, ge=1, le=100, description="tries of a job whose workers die before it fails")
     job_timeout_s: int = Field(3600, ge=10, description="longest a single try of a job may run")
+    job_reconcile_s: int = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="how often a job worker walks the live jobs for ones a Redis outage left without a "
+        "queue entry (re-queued, or failed if never accepted); a job is looked at once untouched for twice this",
+    )
     job_queue: str = Field("bank_churn", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="queue name in Redis")
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Settings:
+        # Checked here, so that `bentoml serve` stops at start-up with the reason (the URL is
+        # never quoted: it may hold a password).
+        if self.redis_ca_file is not None:
+            if not (self.redis_url or "").startswith("rediss://"):
+                raise ValueError("BANKCHURN_REDIS_CA_FILE is set but BANKCHURN_REDIS_URL is not a rediss:// (TLS) URL")
+            if not self.redis_ca_file.is_file():
+                raise ValueError(f"BANKCHURN_REDIS_CA_FILE={self.redis_ca_file}: no such file")
+        return self
