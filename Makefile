@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages lock serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
+.PHONY: install system-packages java lock serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -22,12 +22,17 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	$(UV) sync --quiet --frozen --all-extras --compile-bytecode --python $(PY)
 	touch $@
 
-## Re-resolve uv.lock after editing pyproject.toml, export the Bento's pinned requirements, re-resolve the V2 clients'.
+## Re-resolve uv.lock after editing pyproject.toml, export the Bento's pinned requirements, re-resolve the V2 clients',
+## and the Spark job's (requirements/spark.txt: what its driver and executors install, at the lock's versions).
 lock: $(VENV)/.installed
 	$(UV) lock
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header -o requirements/serve.txt
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header --extra sklearn -o requirements/full.txt
 	$(UV) pip compile --quiet --python-version 3.11 requirements/clients.in -o requirements/clients.txt
+	mkdir -p build
+	$(UV) export --quiet --frozen --all-extras --no-emit-project --no-hashes --no-header -o build/lock-constraints.txt
+	$(UV) pip compile --quiet --no-header --no-annotate --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  requirements/spark.in --constraint build/lock-constraints.txt -o requirements/spark.txt
 
 .venv-checkov/.installed:
 	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
@@ -57,6 +62,11 @@ system-packages:
 	    { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq $$missing >/dev/null; }; \
 	fi
 
+## The Spark test (tests/test_spark.py) runs a local Spark: pyspark comes with the venv (its jars
+## included, nothing downloads), the JVM is the machine's (Java 17 or 21; Debian: openjdk-17-jre-headless).
+java:
+	@java -version >/dev/null 2>&1 || { echo "need Java 17 or 21 on PATH for the Spark test (Debian: apt-get install openjdk-17-jre-headless; or set JAVA_HOME)"; exit 1; }
+
 ## First README command: install, train if the store has no model, serve on :3000.
 serve: $(VENV)/.installed
 	$(PY) -m training --if-missing
@@ -68,7 +78,7 @@ train: $(VENV)/.installed
 ## Second README command: install and run the test suite (what CI runs), the container image
 ## test included (tests/test_container.py: needs root; the base image is cached by its recipe
 ## in $$BANK_CHURN_IMAGE_CACHE, default ~/.cache/bank-churn/images).
-test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages lint
+test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages java lint
 	$(VENV)/bin/pytest
 
 ## The fast tier, for every edit: lint, the import contracts, and the unit and in-process tests

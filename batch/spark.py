@@ -245,9 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     out_fmt = args.output_format or fmt
     use_compiled = use_compiled_default() if args.use_compiled is None else args.use_compiled
     started = time.monotonic()
+    archive, model = args.model_archive, args.model
+    if archive is None:  # a model missing from the store fails here, before the JVM starts
+        try:
+            path, model = export_from_store(model or served_tag())
+        except ModelLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except ImportError:
+            print("error: no model store here (BentoML is not installed): pass --model-archive", file=sys.stderr)
+            return 2
+        archive = str(path)
     spark = session(args.master, conf)
     try:
-        shipped = ship_model(spark, args.model, args.model_archive, use_compiled)
+        shipped = ship_model(spark, model, archive, use_compiled)
         customers = read_customers(spark, args.input, fmt)
         rows, failed = spark.sparkContext.accumulator(0), spark.sparkContext.accumulator(0)
         scored = score(
