@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -339,3 +340,34 @@ def test_the_command_names_a_model_missing_from_the_store(tmp_path):
     )
     assert proc.returncode == 2
     assert "model 'bank_churn:doesnotexist' is not in the BentoML model store" in proc.stderr
+
+
+def test_the_bundle_runs_under_spark_submit_without_a_model_store(customers, trained, tmp_path):
+    """The cloud platforms' way, rehearsed locally: spark-submit with the bundle's main file, its
+    code zip as --py-files and the exported entry as --model-archive, BentoML importable nowhere
+    (no model store on a Dataproc or EMR driver) and pandas nowhere but the driver."""
+    from batch.bundle import bundle
+
+    files = bundle(tmp_path / "dist", str(trained.model.tag))
+    blocked = tmp_path / "blocked"
+    for name in ("bentoml", "pandas"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f'raise ImportError("no {name} here")\n')
+    (tmp_path / "driver").mkdir()
+    (tmp_path / "driver" / "bentoml").symlink_to(blocked / "bentoml")
+    _, table, _ = customers
+    pq.write_table(table.slice(0, 3000), tmp_path / "sample.parquet")
+    spark_submit = Path(sys.executable).parent / "spark-submit"
+    command = [str(spark_submit), "--master", "local[1]", "--conf", "spark.ui.enabled=false"]
+    command += ["--conf", f"spark.executorEnv.PYTHONPATH={blocked}", "--py-files", str(files["code"])]
+    command += [str(files["main"]), "--input", str(tmp_path / "sample.parquet"), "--output", str(tmp_path / "out")]
+    command += ["--model-archive", str(files["model"])]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    env["PYTHONPATH"] = str(tmp_path / "driver")
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"scored 3,000 rows (0 with an error) with {trained.model.tag} (onnxruntime)" in proc.stdout
+    scored = pq.read_table(tmp_path / "out")
+    assert sorted(scored.column("CustomerId").to_pylist()) == sorted(
+        table.slice(0, 3000).column("CustomerId").to_pylist()
+    )
