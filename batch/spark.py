@@ -18,9 +18,12 @@ scores. The model-store entry is exported as an archive and shipped by Spark
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -61,7 +64,19 @@ def use_compiled_default() -> bool:
 
 # ---------------------------------------------------------------- the model, shipped by Spark
 
-_SHIPPED: dict[tuple[int, str, bool], ShippedModel] = {}
+# Per Spark application: the archives added (URI -> what the driver read and checked), so a
+# model is exported, added and checked once however many DataFrames it scores.
+_ADDED: dict[tuple[int, str], tuple[str, str, dict, str]] = {}
+_EXPORTS: list[Path] = []
+
+
+def _export_dir() -> Path:
+    """One directory per process for exported entries (the same tag exports to the same file);
+    removed when the process ends, after Spark has served it to the executors."""
+    if not _EXPORTS:
+        _EXPORTS.append(Path(tempfile.mkdtemp(prefix="bank-churn-model-")))
+        atexit.register(shutil.rmtree, _EXPORTS[0], True)
+    return _EXPORTS[0]
 
 
 def ship_model(
@@ -77,32 +92,28 @@ def ship_model(
     context = spark.sparkContext
     if archive is None:
         try:
-            path, resolved = export_from_store(model or served_tag())
+            path, model = export_from_store(model or served_tag(), _export_dir())
         except ImportError:
             raise JobError(
                 "no model store here (BentoML is not installed): pass --model-archive with the archive "
                 "`python -m batch.bundle` wrote"
             ) from None
-        uri = str(path)
-    else:
-        uri = archive
-    key = (id(context._jsc), uri, use_compiled)
-    if key in _SHIPPED:
-        return _SHIPPED[key]
-    name = Path(urlparse(uri).path).name
-    if not name.endswith(ARCHIVE_SUFFIX):
-        raise JobError(f"--model-archive {uri}: expected a {ARCHIVE_SUFFIX} archive of a model-store entry")
-    alias = name[: -len(ARCHIVE_SUFFIX)]
-    context.addArchive(f"{uri}#{alias}")
-    root = SparkFiles.get(alias)  # Spark unpacks archives on the driver as well
-    tag, metadata, created = read_unpacked(root)
-    wanted = model if archive is not None else resolved
-    if wanted and not wanted.endswith(":latest") and wanted != tag:
-        raise JobError(f"--model {wanted} was asked for, but the archive {uri} holds {tag}")
-    check_model(UnpackedEntry(root, tag, metadata, created))
-    shipped = ShippedModel(tag=tag, alias=alias, created=created, metadata=metadata, prefer_compiled=use_compiled)
-    _SHIPPED[key] = shipped
-    return shipped
+        archive = str(path)
+    key = (id(context._jsc), archive)
+    if key not in _ADDED:
+        name = Path(urlparse(archive).path).name
+        if not name.endswith(ARCHIVE_SUFFIX):
+            raise JobError(f"--model-archive {archive}: expected a {ARCHIVE_SUFFIX} archive of a model-store entry")
+        alias = name[: -len(ARCHIVE_SUFFIX)]
+        context.addArchive(f"{archive}#{alias}")
+        root = SparkFiles.get(alias)  # Spark unpacks archives on the driver as well
+        tag, metadata, created = read_unpacked(root)
+        check_model(UnpackedEntry(root, tag, metadata, created))
+        _ADDED[key] = (alias, tag, metadata, created)
+    alias, tag, metadata, created = _ADDED[key]
+    if model and not model.endswith(":latest") and model != tag:
+        raise JobError(f"--model {model} was asked for, but the archive {archive} holds {tag}")
+    return ShippedModel(tag=tag, alias=alias, created=created, metadata=metadata, prefer_compiled=use_compiled)
 
 
 def _score_partition(shipped: ShippedModel, keep: tuple[str, ...], empty: str, counters, batches):
@@ -133,8 +144,15 @@ def check_columns(df: DataFrame) -> None:
             f"missing column(s): {', '.join(missing)} (the input has: {', '.join(df.columns[:20]) or 'nothing'}); "
             f"required: {', '.join(FEATURE_NAMES)}"
         )
-    problems = [type_problem(name, to_arrow_type(df.schema[name].dataType)) for name in FEATURE_NAMES]
-    problems = [p for p in problems if p]
+    problems = []
+    for name in FEATURE_NAMES:
+        kind = df.schema[name].dataType
+        try:
+            problem = type_problem(name, to_arrow_type(kind))
+        except Exception:  # a Spark type Arrow has no equivalent for (variant, a user-defined type)
+            problem = f"column '{name}' is {kind.simpleString()}; it must be numbers or text"
+        if problem:
+            problems.append(problem)
     if problems:
         raise JobError("; ".join(problems))
 
@@ -248,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     archive, model = args.model_archive, args.model
     if archive is None:  # a model missing from the store fails here, before the JVM starts
         try:
-            path, model = export_from_store(model or served_tag())
+            path, model = export_from_store(model or served_tag(), _export_dir())
         except ModelLoadError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
