@@ -109,19 +109,9 @@ def cli_run(customers, trained, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def spark(tmp_path_factory):
-    """An in-process local[2] session for the library calls (no UI: no fixed port), whose Python
-    workers cannot import pandas: pyarrow imports it whenever it is installed, so only a worker
-    without it shows that nothing the executors run needs it (the driver keeps it: PySpark's
-    mapInArrow checks for it there)."""
-    blocker = tmp_path_factory.mktemp("no-pandas")
-    (blocker / "pandas").mkdir()
-    (blocker / "pandas" / "__init__.py").write_text('raise ImportError("pandas is kept off the executors")\n')
-    conf = {
-        "spark.ui.enabled": "false",
-        "spark.sql.shuffle.partitions": "2",
-        "spark.executorEnv.PYTHONPATH": str(blocker),
-    }
+def spark():
+    """An in-process local[2] session for the library calls (no UI: no fixed port)."""
+    conf = {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "2"}
     s = session("local[2]", conf, app_name="tests")
     yield s
     s.stop()
@@ -243,45 +233,42 @@ def _probe(shipped, batches):
                 "pid": [os.getpid()],
                 "predictor": [id(predictor)],
                 "loaded": [len(loaded_models())],
-                "pandas": ["pandas" in sys.modules],
                 "sklearn": ["sklearn" in sys.modules],
                 "bentoml": ["bentoml" in sys.modules],
             }
         )
 
 
-def test_each_python_worker_loads_the_model_once_without_pandas_sklearn_or_bentoml(spark, customers, trained):
+def test_each_python_worker_loads_the_model_once_without_sklearn_or_bentoml(spark, customers, trained):
+    """(pandas is there when installed: pyarrow imports it; the spark-submit test below scores
+    with pandas unimportable on the executors.)"""
     import functools
 
     directory, _, _ = customers
     shipped = ship_model(spark, str(trained.model.tag))
     df = read_customers(spark, str(directory), "parquet").repartition(12)
     score(df, shipped).count()  # the job itself, over 12 partitions
-    schema = "pid long, predictor long, loaded long, pandas boolean, sklearn boolean, bentoml boolean"
+    schema = "pid long, predictor long, loaded long, sklearn boolean, bentoml boolean"
     probes = df.mapInArrow(functools.partial(_probe, shipped), schema).collect()
     by_worker: dict[int, set[int]] = {}
     for probe in probes:
         by_worker.setdefault(probe["pid"], set()).add(probe["predictor"])
-        assert not (probe["pandas"] or probe["sklearn"] or probe["bentoml"]), probe
+        assert not (probe["sklearn"] or probe["bentoml"]), probe
         assert probe["loaded"] == 1
     assert len(probes) >= 12 and 1 <= len(by_worker) <= 2  # local[2]: at most two Python workers
     assert all(len(predictors) == 1 for predictors in by_worker.values()), by_worker
 
 
-def test_the_pipeline_serves_when_the_compiled_graph_is_off(customers, trained, tmp_path):
-    """--no-use-compiled (BANKCHURN_USE_COMPILED=false): the scikit-learn pipeline on the
-    executors, as serving falls back (its own process: these workers need pandas)."""
+def test_the_pipeline_serves_when_the_compiled_graph_is_off(spark, customers, trained, tmp_path):
+    """use_compiled=False (--no-use-compiled, BANKCHURN_USE_COMPILED=false): the scikit-learn
+    pipeline on the executors, as serving falls back. (After the load-once test: these workers
+    then hold scikit-learn.)"""
     _, table, _ = customers
     sample = table.slice(5000, 1500)
     pq.write_table(sample, tmp_path / "sample.parquet")
-    command = [sys.executable, "-m", "batch.spark", "--input", str(tmp_path / "sample.parquet")]
-    command += ["--output", str(tmp_path / "out"), "--model", str(trained.model.tag), "--no-use-compiled"]
-    command += ["--master", "local[1]", "--conf", "spark.ui.enabled=false"]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "(sklearn)" in proc.stdout
-    scored = pq.read_table(tmp_path / "out").to_pydict()
-    pipeline = dict(zip(scored["CustomerId"], scored["churn_probability"], strict=True))
+    df = read_customers(spark, str(tmp_path / "sample.parquet"), "parquet")
+    rows = score(df, str(trained.model.tag), use_compiled=False).collect()
+    pipeline = {r["CustomerId"]: r["churn_probability"] for r in rows}
     ids = sample.column("CustomerId").to_pylist()
     _, expected = reference(sample, load_predictor(trained.model, prefer_compiled=False), chunk=len(sample))
     assert max(abs(pipeline[c] - p) for c, p in zip(ids, expected.tolist(), strict=True)) <= 1e-12
