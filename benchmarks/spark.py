@@ -14,8 +14,9 @@ mapInArrow over batch.arrow.score_batch, write Parquet) with timers around its p
 JVM and session start, the model's export and shipping, the job itself, and inside the Python
 workers the model load, each batch's scoring and, within it, the model call. The fixed start-up
 cost is a 1,000-row run's wall time. Rates: over the wall time, over the job (once the session
-is up and the model shipped), and steady (the job less a 1,000-row job); the targets are judged
-on the job's rate, the start-up cost being reported on its own. Runs of one size alternate
+is up and the model shipped), and steady (the job less a 1,000-row job: reading, scoring and
+writing once the workers are up); the targets are judged on the steady rate, the start-up costs
+being reported on their own. Runs of one size alternate
 local[1] and local[2]. The model's own rate: one thread of this process, pinned to one
 core, over the same file's first 300,000 rows in the job's 10,000-row Arrow batches (3 alternate
 rounds with the executors' whole per-batch work, medians).
@@ -358,14 +359,18 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         r1 = next(r for r in runs if r["rows"] == n and r["master"] == one)
         r2 = next(r for r in runs if r["rows"] == n and r["master"] == two)
-        scaling = r2["steady_rows_per_s"] / r1["steady_rows_per_s"]
-        versus_model = r2["steady_rows_per_s"] / (2 * model["model_rows_per_s"])
+        # Judged on the steady rate (the start-up costs are reported on their own), or on the job's
+        # rate when a run is too short to take a 1,000-row job's time off it.
+        key = "steady_rows_per_s" if r1["steady_rows_per_s"] and r2["steady_rows_per_s"] else "job_rows_per_s"
+        rate = "steady" if key == "steady_rows_per_s" else "job"
+        scaling = r2[key] / r1[key]
+        versus_model = r2[key] / (2 * model["model_rows_per_s"])
         targets.append(
-            {"target": f"{two} / {one}, steady rows/s >= 1.6", "rows": n, "measured": scaling, "met": scaling >= 1.6}
+            {"target": f"{two} / {one}, {rate} rows/s >= 1.6", "rows": n, "measured": scaling, "met": scaling >= 1.6}
         )
         targets.append(
             {
-                "target": f"{two} job rows/s / (2 x the model's single-core rate) >= 0.7",
+                "target": f"{two} {rate} rows/s / (2 x the model's single-core rate) >= 0.7",
                 "rows": n,
                 "measured": versus_model,
                 "met": versus_model >= 0.7,
