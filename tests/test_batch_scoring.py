@@ -1,4 +1,4 @@
-"""The Spark job's executor-side core without Spark: Arrow batches scored and checked with
+"""batch/ (the Spark job's executor-side core) without Spark: Arrow batches scored and checked with
 /predict's rules, the shipped model checked and loaded once. (tests/test_spark.py runs it on Spark.)"""
 
 from __future__ import annotations
