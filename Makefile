@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages lock protos audit serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
+.PHONY: install system-packages java lock protos audit serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -22,14 +22,19 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	$(UV) sync --quiet --frozen --all-extras --compile-bytecode --python $(PY)
 	touch $@
 
-## Re-resolve uv.lock after editing pyproject.toml, export the Bento's pinned requirements, re-resolve the V2 clients'.
-## The exports carry every file's SHA-256: the image installs exactly the locked artefacts
+## Re-resolve uv.lock after editing pyproject.toml, export the Bento's pinned requirements, re-resolve the V2 clients',
+## and the Spark job's (requirements/spark.txt: what its driver and executors install, at the lock's versions).
+## The Bento exports carry every file's SHA-256: the image installs exactly the locked artefacts
 ## (pip and uv refuse a file whose hash differs: a tampered or substituted upload).
 lock: $(VENV)/.installed
 	$(UV) lock
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-header -o requirements/serve.txt
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-header --extra sklearn -o requirements/full.txt
 	$(UV) pip compile --quiet --python-version 3.11 requirements/clients.in -o requirements/clients.txt
+	mkdir -p build
+	$(UV) export --quiet --frozen --all-extras --no-emit-project --no-hashes --no-header -o build/lock-constraints.txt
+	$(UV) pip compile --quiet --no-header --no-annotate --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  requirements/spark.in --constraint build/lock-constraints.txt -o requirements/spark.txt
 
 ## The gRPC modules of serving/v2 from its .proto (committed; tests/test_v2_grpc.py checks they are up to date).
 PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=.
@@ -64,6 +69,11 @@ system-packages:
 	    { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq $$missing >/dev/null; }; \
 	fi
 
+## The Spark test (tests/test_spark.py) runs a local Spark: pyspark comes with the venv (its jars
+## included, nothing downloads), the JVM is the machine's (Java 17 or 21; Debian: openjdk-17-jre-headless).
+java:
+	@java -version >/dev/null 2>&1 || { echo "need Java 17 or 21 on PATH for the Spark test (Debian: apt-get install openjdk-17-jre-headless; or set JAVA_HOME)"; exit 1; }
+
 ## First README command: install, train if the store has no model, serve on :3000.
 serve: $(VENV)/.installed
 	$(PY) -m training --if-missing
@@ -96,7 +106,7 @@ audit: $(VENV)/.installed
 ## Second README command: install and run the test suite (what CI runs), the container image
 ## test included (tests/test_container.py: needs root; the base image is cached by its recipe
 ## in $$BANK_CHURN_IMAGE_CACHE, default ~/.cache/bank-churn/images).
-test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages lint audit
+test: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed system-packages java lint audit
 	$(VENV)/bin/pytest
 
 ## The fast tier, for every edit: lint, the import contracts, and the unit and in-process tests
@@ -119,10 +129,10 @@ format: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-checkov .venv-clients .pytest_cache .ruff_cache build
 
-## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs, hostile uploads (memory), Redis faults.
-bench: $(VENV)/.installed system-packages
+## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs, hostile uploads (memory), Redis faults, Spark.
+bench: $(VENV)/.installed system-packages java
 	$(PY) -m training --if-missing
-	@failed=""; for b in inprocess http profile startup jobs uploads redis_faults; do \
+	@failed=""; for b in inprocess http profile startup jobs uploads redis_faults spark; do \
 	  echo "== python -m benchmarks.$$b"; $(PY) -m benchmarks.$$b || failed="$$failed $$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "benchmarks with a FAIL verdict or an error:$$failed"; exit 1; fi

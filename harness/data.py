@@ -25,3 +25,20 @@ def customers_csv(rows: int) -> bytes:
 
 def submit_job(url: str, data: bytes, filename: str = "customers.csv", timeout: float = 60) -> httpx.Response:
     return httpx.post(f"{url}/jobs", files={"file": (filename, data, "text/csv")}, timeout=timeout)
+
+
+def customers_table(rows: int, seed: int = 0):
+    """`rows` customers resampled with replacement (seeded) from the dataset, as a pyarrow Table
+    with the dataset's columns and types (integers int64, amounts double, text string), each
+    CustomerId unique: data row r (0-based) has CustomerId r + 1. For Parquet inputs of the
+    Spark job."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv
+
+    dataset = pyarrow.csv.read_csv(DATA)
+    picks = np.random.default_rng(seed).integers(0, dataset.num_rows, size=rows)
+    table = dataset.take(pa.array(picks))
+    return table.set_column(
+        table.schema.get_field_index("CustomerId"), "CustomerId", pa.array(np.arange(1, rows + 1, dtype=np.int64))
+    )

@@ -26,9 +26,9 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from models.columns import validate_columns
+from models.columns import number_cells, validate_columns
 from models.predictor import Predictor
-from models.schema import BY_NAME, FEATURE_NAMES, ID_COLUMN, Feature
+from models.schema import BY_NAME, FEATURE_NAMES, ID_COLUMN
 from serving import telemetry
 
 # Bounds of an upload. Each names a problem a client is told about in a 400.
@@ -241,35 +241,6 @@ class _ChunkWriter:
         return tuple(self.offsets)
 
 
-def _parse_number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:  # not a number at all; None marks it for its own message
-        return None
-
-
-def _number_column(cells: tuple[str, ...], feature: Feature) -> tuple[np.ndarray, dict[int, str]]:
-    """A numeric CSV column as float64, and the offsets of cells that are no number at all
-    (with their message). Range, integer and finiteness rules are validate_columns'."""
-    try:
-        return np.fromiter(map(float, cells), dtype=np.float64, count=len(cells)), {}
-    except ValueError:
-        pass
-    values = [_parse_number(c) for c in cells]
-    noun = "an integer" if feature.kind in ("int", "flag") else "a number"
-    bad = {
-        i: (
-            f"Input should be {noun}, found an empty cell"
-            if not cells[i].strip()
-            else f"Input should be {noun}, unable to parse {cells[i][:40]!r}"
-        )
-        + f" (allowed: {feature.allowed()})"
-        for i, v in enumerate(values)
-        if v is None
-    }
-    return np.array([0.0 if v is None else v for v in values], dtype=np.float64), bad
-
-
 @dataclass(frozen=True)
 class ChunkResult:
     """A scored chunk: its predictions and errors as JSON array *contents* (no brackets), so
@@ -305,7 +276,7 @@ def score_chunk(predictor: Predictor, records: list[list[str]], with_id: bool) -
                 columns[name] = np.array(list(map(str.strip, by_column[offset])), dtype=object)
                 continue
             cells = by_column[offset]  # float() ignores surrounding whitespace itself
-            columns[name], unparsable = _number_column(cells, feature)
+            columns[name], unparsable = number_cells(cells, feature)
             for i, message in unparsable.items():
                 problems.setdefault(whole[i], []).append(f"{name}: {message}")
         checked = validate_columns(columns) if kept else None
