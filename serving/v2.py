@@ -49,7 +49,7 @@ from models.schema import (
 from models.store import MODEL_NAME
 from serving import telemetry
 from serving.concurrency import Overloaded
-from serving.engine import Engine
+from serving.engine import V2_INFER, Engine
 from serving.online import RETRY_AFTER, overloaded
 from serving.routes import HttpError, read_body, send_json
 
@@ -657,9 +657,9 @@ class OpenInferenceApp:
                 request = await self.engine.pool.run(parse_request, body, self.max_rows)
             telemetry.record_since_request_start("validate")
             if request.row is not None:  # joins concurrent /predict calls in one model call
-                proba = [await self.engine.predict_one(request.row)]
+                proba = [await self.engine.predict_one(request.row, route=V2_INFER)]
             else:
-                proba = await self.engine.predict_columns(request.numeric, request.categorical)
+                proba = await self.engine.predict_columns(request.numeric, request.categorical, route=V2_INFER)
         except Overloaded as exc:
             raise overloaded(exc) from None
         await send_json(send, 200, self.response(request, proba))
@@ -667,12 +667,12 @@ class OpenInferenceApp:
     def response(self, request: InferRequest, proba: np.ndarray | list[float]) -> bytes:
         shape = [len(proba)]
         outputs = []
-        threshold = self.engine.threshold
+        decide = self.engine.decide
         for name in request.outputs:
             if name == OUTPUT_PROBABILITY:
                 data = proba
             else:
-                data = [p >= threshold for p in proba] if type(proba) is list else proba >= threshold
+                data = [decide(p) for p in proba] if type(proba) is list else decide(proba)
             outputs.append({"name": name, "datatype": OUTPUTS[name], "shape": shape, "data": data})
         body: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": self.version}
         if request.id is not None:

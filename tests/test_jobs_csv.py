@@ -11,7 +11,9 @@ import pytest
 from harness.data import customers_csv
 from models.predictor import load_predictor
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, row_values
+from serving.engine import Engine
 from serving.jobs.csvfile import Chunks, CsvRejected, chunk_as_csv, inspect_upload, score_chunk
+from serving.settings import Settings
 
 HEADER = ["CustomerId", *FEATURE_NAMES]
 GOOD = [str(EXAMPLE_CUSTOMER[n]) for n in FEATURE_NAMES]
@@ -20,6 +22,13 @@ GOOD = [str(EXAMPLE_CUSTOMER[n]) for n in FEATURE_NAMES]
 @pytest.fixture(scope="module")
 def predictor(trained):
     return load_predictor(trained.model)
+
+
+@pytest.fixture(scope="module")
+def engine(predictor):
+    engine = Engine(predictor, Settings(prediction_log_sink="off"))
+    yield engine
+    engine.shutdown()
 
 
 def csv_bytes(rows: list[list[str]], header: list[str] = HEADER) -> bytes:
@@ -80,7 +89,7 @@ def test_chunks_are_the_same_on_every_worker_and_skip_what_is_done():
     assert rest == [every[2], every[4]]
 
 
-def test_a_chunk_scores_valid_rows_like_the_model_and_reports_each_bad_one(predictor):
+def test_a_chunk_scores_valid_rows_like_the_model_and_reports_each_bad_one(predictor, engine):
     rows = [
         ["1", *GOOD],
         ["2", *GOOD[:3], "old", *GOOD[4:]],  # Age: not a number
@@ -91,7 +100,7 @@ def test_a_chunk_scores_valid_rows_like_the_model_and_reports_each_bad_one(predi
         ["7", *GOOD[:3], " 43 ", *GOOD[4:]],  # spaces around a number: fine
         ["8", *GOOD[:3], "42.0", *GOOD[4:]],  # an integral float for an integer: fine
     ]
-    result = score_chunk(predictor, HEADER, 101, rows, with_id=True)
+    result = score_chunk(engine, HEADER, 101, rows, with_id=True, job_id="job-1")
     predictions = orjson.loads(b"[" + result.predictions + b"]")
     errors = orjson.loads(b"[" + result.errors + b"]")
     assert (result.scored, result.failed) == (3, 5)
@@ -118,9 +127,9 @@ def test_a_chunk_scores_valid_rows_like_the_model_and_reports_each_bad_one(predi
     assert lines[1][2:4] == ["", ""] and lines[1][4].startswith("Age: ")
 
 
-def test_a_repeated_column_is_read_from_its_first_occurrence(predictor):
+def test_a_repeated_column_is_read_from_its_first_occurrence(engine):
     header = [*FEATURE_NAMES, "Age"]
-    result = score_chunk(predictor, header, 1, [[*GOOD, "999"]], with_id=False)
+    result = score_chunk(engine, header, 1, [[*GOOD, "999"]], with_id=False, job_id="job-1")
     assert (result.scored, result.failed) == (1, 0)
     (prediction,) = orjson.loads(b"[" + result.predictions + b"]")
     assert set(prediction) == {"row", "churn_probability", "will_churn"}

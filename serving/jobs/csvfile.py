@@ -19,9 +19,9 @@ import numpy as np
 import orjson
 
 from models.columns import validate_columns
-from models.predictor import Predictor
 from models.schema import BY_NAME, FEATURE_NAMES, ID_COLUMN, Feature
 from serving import telemetry
+from serving.engine import JOBS, Engine
 
 
 class CsvRejected(ValueError):
@@ -148,10 +148,11 @@ class ChunkResult:
 
 
 def score_chunk(
-    predictor: Predictor, header: list[str], first_row: int, records: list[list[str]], with_id: bool
+    engine: Engine, header: list[str], first_row: int, records: list[list[str]], with_id: bool, job_id: str
 ) -> ChunkResult:
     """Validate a chunk's records against the schema (vectorised, columns at a time), score
-    the valid ones in one model call, report each invalid one with every problem it has."""
+    the valid ones in one model call (the engine's, on this thread), report each invalid one
+    with every problem it has."""
     position = {name: header.index(name) for name in FEATURE_NAMES}  # the first of a repeated column
     id_at = header.index(ID_COLUMN) if with_id else None
     width = len(header)
@@ -185,18 +186,17 @@ def score_chunk(
         if ok.any():
             numeric = checked.numeric[ok]
             categorical = {name: values[ok] for name, values in checked.categorical.items()}
-            telemetry.BATCH_ROWS.observe(len(numeric))
-            with telemetry.stage("predict"):
-                proba = predictor.predict_columns(numeric, categorical)
-            threshold = predictor.threshold
-            telemetry.record_predictions(proba, threshold)
             good = [whole[i] for i in np.flatnonzero(ok).tolist()]
-            for i, p in zip(good, proba.tolist(), strict=True):
+            ids = [records[i][id_at] for i in good] if id_at is not None else None
+            proba, churn = engine.score_columns(
+                numeric, categorical, route=JOBS, job_id=job_id, row_numbers=rows[good], customer_ids=ids
+            )
+            for k, (i, p, d) in enumerate(zip(good, proba.tolist(), churn.tolist(), strict=True)):
                 entry: dict[str, Any] = {"row": int(rows[i])}
-                if id_at is not None:
-                    entry[ID_COLUMN] = records[i][id_at]
+                if ids is not None:
+                    entry[ID_COLUMN] = ids[k]
                 entry["churn_probability"] = p
-                entry["will_churn"] = p >= threshold
+                entry["will_churn"] = d
                 scored.append(entry)
     errors = []
     for i in sorted(problems):

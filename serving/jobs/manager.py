@@ -274,7 +274,7 @@ class JobManager:
             self.running -= 1
 
     async def _score(self, job_id: str, record: dict[str, str], data: bytes, done: set[int]) -> None:
-        tag, predictor = self.engine.tag, self.engine.predictor
+        tag = self.engine.tag
         with_id = record.get("has_customer_id") == "1"
         chunks = await self.pool.run(Chunks, data, int(record["chunk_rows"]))
         del data
@@ -284,7 +284,7 @@ class JobManager:
             if chunk is None:
                 return None
             index, first_row, records = chunk
-            return index, score_chunk(predictor, chunks.header, first_row, records, with_id)
+            return index, score_chunk(self.engine, chunks.header, first_row, records, with_id, job_id)
 
         while (scored := await self.pool.run(next_scored)) is not None:
             index, result = scored
