@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages lock serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
+.PHONY: install system-packages lock serve train test test-fast lint format bench load-smoke load load-stress image image-full image-monitoring image-tools clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -27,6 +27,7 @@ lock: $(VENV)/.installed
 	$(UV) lock
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header -o requirements/serve.txt
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header --extra sklearn -o requirements/full.txt
+	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header --extra monitoring -o requirements/monitoring.txt
 	$(UV) pip compile --quiet --python-version 3.11 requirements/clients.in -o requirements/clients.txt
 
 .venv-checkov/.installed:
@@ -115,3 +116,9 @@ image-full: $(VENV)/.installed image-tools
 	$(PY) -m training --if-missing
 	$(VENV)/bin/bentoml build -f bentofile.full.yaml
 	deploy/image/build.sh --bento bank_churn_full:latest
+
+## The monitoring Bento and its image (bentofile.monitoring.yaml: + the monitoring jobs and Evidently), for the drift CronJob.
+image-monitoring: $(VENV)/.installed image-tools
+	$(PY) -m training --if-missing
+	$(VENV)/bin/bentoml build -f bentofile.monitoring.yaml
+	deploy/image/build.sh --bento bank_churn_monitoring:latest

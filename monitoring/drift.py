@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", type=Path, required=True, help="directory for drift.json and drift.html (strftime fields allowed)"
     )
+    p.add_argument(
+        "--keep", type=int, help="keep only the newest N report directories beside DIR (those holding a drift.json)"
+    )
     p.add_argument("--min-rows", type=int, default=MIN_ROWS, help=f"fewest logged rows to judge (default {MIN_ROWS})")
     p.add_argument("--pushgateway", default=os.environ.get("BANKCHURN_PUSHGATEWAY_URL"), help="Pushgateway URL")
     a = p.parse_args(argv)
@@ -215,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "drift.json").write_text(json.dumps({"error": str(exc), "generated_at": iso(now)}, indent=2) + "\n")
         print(f"cannot judge drift: {exc}", file=sys.stderr)
+    if a.keep:
+        prune(out.parent, a.keep)
     if a.pushgateway:
         try:
             push.push(a.pushgateway, push.DRIFT_JOB, push.drift_registry(summary, status != 2), replace=status != 2)
@@ -222,6 +227,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"could not push to the Pushgateway at {a.pushgateway}: {exc}", file=sys.stderr)
             return status or EXIT_CANNOT_JUDGE
     return status
+
+
+def prune(parent: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` report directories under `parent` (only directories
+    holding a drift.json: this job's own); the deleted ones."""
+    import shutil
+
+    reports = sorted((d for d in parent.iterdir() if (d / "drift.json").is_file()), key=lambda d: d.stat().st_mtime)
+    doomed = reports[:-keep] if len(reports) > keep else []
+    for directory in doomed:
+        shutil.rmtree(directory, ignore_errors=True)
+    return doomed
 
 
 def verdict(summary: dict[str, Any], out: Path) -> str:

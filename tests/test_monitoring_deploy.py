@@ -10,9 +10,11 @@ datasource variable every panel uses, and PromQL that parses."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -244,3 +246,145 @@ def test_the_kustomization_ships_the_rule_and_the_dashboard():
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"][DASHBOARD.name]) == dashboard()
     assert all(d["metadata"]["namespace"] == "bank-churn" for d in docs.values())
+
+
+# ---------------------------------------------------------------- the drift CronJob and its image
+
+
+def render(path: Path) -> list[dict]:
+    proc = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def one(docs: list[dict], kind: str, name: str) -> dict:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+TARGETS = {"base": REPO / "deploy" / "base", "gke": REPO / "deploy/overlays/gke", "eks": REPO / "deploy/overlays/eks"}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_drift_cronjob_runs_the_monitoring_image_on_the_services_own_settings(target):
+    docs = render(TARGETS[target])
+    cron = one(docs, "CronJob", "bank-churn-drift")["spec"]
+    job = cron["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    (container,) = pod["containers"]
+    (api,) = one(docs, "Deployment", "bank-churn")["spec"]["template"]["spec"]["containers"]
+    assert container["image"].rsplit(":", 1)[0] == api["image"].rsplit(":", 1)[0] + "-monitoring"
+    assert container["image"].rsplit(":", 1)[1] == api["image"].rsplit(":", 1)[1], "the API's version"
+    assert container["command"] == ["python", "-m", "monitoring.drift"]
+    args = container["args"]
+    assert args[args.index("--since") + 1] == "24h" and args[args.index("--out") + 1].startswith("/reports/")
+    assert container["workingDir"] == "/home/bentoml/bento/src", "the Bento's source directory in its image"
+    assert container["envFrom"] == api["envFrom"], "the sink settings the API writes with"
+    settings = one(docs, "ConfigMap", container["envFrom"][0]["configMapRef"]["name"])["data"]
+    assert settings["BANKCHURN_PREDICTION_LOG_SINK"] == "redis", "every replica's rows in one place"
+    assert cron["concurrencyPolicy"] == "Forbid" and pod["restartPolicy"] == "Never"
+    (rule,) = job["podFailurePolicy"]["rules"]
+    assert rule == {"action": "FailJob", "onExitCodes": {"containerName": "drift", "operator": "In", "values": [1]}}
+    assert job["backoffLimit"] >= 1, "other failures are retried"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    claim = volumes[mounts["/reports"]]["persistentVolumeClaim"]["claimName"]
+    assert one(docs, "PersistentVolumeClaim", claim)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_the_drift_job_reaches_redis_dns_and_the_pushgateway_only():
+    docs = render(TARGETS["base"])
+    policy = one(docs, "NetworkPolicy", "bank-churn-monitoring")["spec"]
+    assert policy["ingress"] == [] and sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    ports = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
+    assert ports == {("TCP", 6379), ("TCP", 9091), ("UDP", 53), ("TCP", 53)}
+    redis_in = one(docs, "NetworkPolicy", "bank-churn-redis")["spec"]["ingress"][0]["from"]
+    assert {"app.kubernetes.io/name": "bank-churn-monitoring"} in [
+        peer["podSelector"]["matchLabels"] for peer in redis_in
+    ]
+
+
+def test_with_a_managed_redis_the_drift_job_gets_its_url_secret(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(TARGETS["gke"], tmp_path)],
+                "components": [os.path.relpath(REPO / "deploy/components/external-redis", tmp_path)],
+            }
+        )
+    )
+    docs = render(tmp_path)
+    pod = one(docs, "CronJob", "bank-churn-drift")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/run/secrets/bank-churn"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "bank-churn-redis-url"
+    egress = one(docs, "NetworkPolicy", "bank-churn-monitoring")["spec"]["egress"]
+    assert any("ipBlock" in peer for rule in egress for peer in rule.get("to", []))
+
+
+@pytest.fixture(scope="module")
+def monitoring_bento(trained):
+    from tests.test_build import _build
+
+    return _build(trained, "-f", "bentofile.monitoring.yaml")
+
+
+@pytest.mark.integration
+def test_the_monitoring_bento_carries_the_jobs_evidently_and_the_model(monitoring_bento, trained):
+    from tests.test_build import _pins
+
+    info = yaml.safe_load((monitoring_bento / "bento.yaml").read_text())
+    assert info["name"] == "bank_churn_monitoring"
+    assert [m["tag"] for m in info["services"][0]["models"]] == [str(trained.model.tag)], "the reference's model"
+    files = {p.relative_to(monitoring_bento / "src").as_posix() for p in (monitoring_bento / "src").rglob("*.py")}
+    assert {"monitoring/drift.py", "monitoring/performance.py", "serving/predictionlog/sinks.py"} <= files
+    assert not [f for f in files if f.startswith(("tests/", "training/", "benchmarks/", "harness/"))]
+    pins = _pins((monitoring_bento / "env" / "python" / "requirements.txt").read_text())
+    assert pins == _pins((REPO / "requirements" / "monitoring.txt").read_text())
+    serve = _pins((REPO / "requirements" / "serve.txt").read_text())
+    names = {p.split("==")[0] for p in pins}
+    assert "evidently" in names and not {p.split("==")[0] for p in serve} & {"evidently", "pyarrow", "plotly"}
+
+
+@pytest.mark.integration
+def test_the_cronjob_command_runs_from_the_bentos_source_with_its_packed_models(monitoring_bento, trained, tmp_path):
+    """As the CronJob runs it: from the Bento's src directory, BENTO_PATH set, the model found
+    among the models packed with the Bento (an exported Bento holds them as an image does; the
+    BentoML home beside it is empty)."""
+    import tarfile
+
+    archive = tmp_path / "monitoring.bento"
+    tag = yaml.safe_load((monitoring_bento / "bento.yaml").read_text())
+    subprocess.run(
+        [sys.executable, "-m", "bentoml", "export", f"{tag['name']}:{tag['version']}", str(archive)],
+        check=True,
+        capture_output=True,
+    )
+    unpacked = tmp_path / "bento"
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    assert (unpacked / "models").is_dir()
+    env = {
+        **os.environ,
+        "BENTO_PATH": str(unpacked),
+        "BENTOML_HOME": str(tmp_path / "empty-home"),
+        "BANKCHURN_PREDICTION_LOG_DIR": str(tmp_path / "log"),
+    }
+    code = (
+        "from monitoring.reference import model_entry, reference_frame; "
+        f"print(len(reference_frame(model_entry('{trained.model.tag}'))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=unpacked / "src", env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.strip().splitlines()[-1]) == len(trained.splits.train)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "monitoring.drift", "--help"], cwd=unpacked / "src", env=env, capture_output=True, text=True
+    )  # fmt: skip
+    assert help_.returncode == 0 and "--since" in help_.stdout
