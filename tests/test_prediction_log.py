@@ -181,3 +181,12 @@ def test_a_well_formed_client_request_id_is_kept_else_replaced(sent, kept):
 def test_generated_request_ids_differ():
     ids = {requestid.from_scope({"headers": []}) for _ in range(1000)}
     assert len(ids) == 1000
+
+
+def test_integral_floats_read_as_integers_and_bad_lines_are_skipped(tmp_path):
+    (tmp_path / "predictions-1-x-1.jsonl").write_text(
+        '{"time":"2026-12-02T07:10:02.114Z","model_version":"m","route":"/predict","Age":42.0,"Tenure":2}\n'
+        '{"time":"2026-12-02T07:10:02.115Z","model_version":"m","route":"/predict","Age":42.5}\n'
+    )
+    (record,) = read_all(tmp_path)
+    assert record.Age == 42 and type(record.Age) is int

@@ -64,5 +64,6 @@ def encode_lines(records: list[PredictionRecord]) -> bytes:
 
 def decoder(record_type: type[PredictionRecord] = PredictionRecord) -> msgspec.json.Decoder:
     """A decoder of one encoding; `.decode_lines(blob)` reads many. Unknown keys are ignored,
-    so a newer writer's extra fields do not break an older reader."""
-    return msgspec.json.Decoder(record_type)
+    so a newer writer's extra fields do not break an older reader, and an integral float is
+    read as an integer (42.0 for Age), as the schema's own column checks accept it."""
+    return msgspec.json.Decoder(record_type, strict=False)
