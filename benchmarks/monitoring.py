@@ -11,7 +11,11 @@ report costs.
 2. A --job-rows scoring job (one job worker, server on CPU 0, Redis on CPU 1) with the log off
    / file / Redis, alternately, --rounds times: rows/s from the job's start to its end, and
    the rows the log dropped.
-3. `python -m monitoring.drift` over --report-rows logged rows (the dataset's customers with
+3. The drift scenario with the served model: its held-out test split sent as a scoring job,
+   then the same customers with Age + 10 and 70% in Germany through /predict_batch; the
+   drift command on each window (the false-alarm and drift tables) and the performance
+   command on the test split's outcomes (beside the training report's test metrics).
+4. `python -m monitoring.drift` over --report-rows logged rows (the dataset's customers with
    the served model's probabilities, written by the real sink code): wall time and peak RSS of
    the command, for the file sink and the Redis stream.
 
@@ -38,7 +42,7 @@ import psutil
 
 from benchmarks.http import commit, machine, run_wrk, write_script
 from benchmarks.jobs import wait
-from harness.data import customers_csv, submit_job
+from harness.data import DATA, customers_csv, drifted, submit_job
 from harness.fleet import RedisServer
 from harness.servers import ROOT, ServeProcess, metric
 from models.schema import FEATURE_NAMES, json_customer, row_values
@@ -226,6 +230,115 @@ def report_cells(redis: RedisServer, rows: int, work: Path) -> dict:
     return out
 
 
+def run_cli(module: str, env: dict[str, str], *args: str) -> tuple[int, dict]:
+    out = Path(tempfile.mkdtemp(prefix="bench-cli-"))
+    flag = "--out"
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args, flag, str(out)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    name = "drift.json" if module.endswith("drift") else "performance.json"
+    return proc.returncode, json.loads((out / name).read_text())
+
+
+def scenario_cells(work: Path) -> dict:
+    """The test split as traffic, then the drifted test split; the monitoring commands' answers."""
+    import pandas as pd
+
+    from training.data import stratify_split
+
+    model = get_stored(served_tag())
+    split = model.info.metadata
+    test = stratify_split(load_data(), 0.2, 0.16, int(split.get("seed", 42))).test
+    assert len(test) == split["data"]["test_rows"], "the served model's test split"
+    ids = pd.read_csv(DATA, usecols=["CustomerId"])["CustomerId"].to_numpy()[test.index]
+    env = {"BANKCHURN_PREDICTION_LOG_SINK": "file", "BANKCHURN_PREDICTION_LOG_DIR": str(work / "scenario")}
+    server = start(env)
+    try:
+        start_at = time.time()
+        upload = test[list(FEATURE_NAMES)].assign(CustomerId=ids).to_csv(index=False).encode()
+        wait(server.url, submit_job(server.url, upload, timeout=120).json()["job_id"])
+        _wait_written(server, len(test))
+        middle = time.time()
+        shifted = [json_customer(r) for r in drifted(test).to_dict(orient="records")]
+        for i in range(0, len(shifted), 1000):
+            httpx.post(f"{server.url}/predict_batch", json={"customers": shifted[i : i + 1000]}, timeout=120)
+        _wait_written(server, 2 * len(test))
+        end = time.time() + 0.01
+    finally:
+        server.stop()
+    window = lambda a, b: ("--since", iso_time(a), "--until", iso_time(b))  # noqa: E731
+    quiet_exit, quiet = run_cli("monitoring.drift", env, *window(start_at, middle))
+    drift_exit, drift = run_cli("monitoring.drift", env, *window(middle, end))
+    outcomes = work / "outcomes.csv"
+    pd.DataFrame({"CustomerId": ids, "Exited": test["Exited"].to_numpy(), "date": iso_time(end + 86400)}).to_csv(
+        outcomes, index=False
+    )
+    perf_exit, performance = run_cli(
+        "monitoring.performance", env, "--outcomes", str(outcomes), *window(start_at, middle)
+    )
+    print(f"  test split: exit {quiet_exit}, drifted {quiet['drifted_features']}; drifted traffic: exit {drift_exit}, drifted {drift['drifted_features']}, prediction drift {drift['prediction_drift']}")  # fmt: skip
+    return {
+        "model": str(model.tag),
+        "no_drift": {"exit": quiet_exit, **quiet},
+        "drift": {"exit": drift_exit, **drift},
+        "performance": {"exit": perf_exit, **performance},
+        "training_test_metrics": split["metrics"],
+    }
+
+
+def _wait_written(server: ServeProcess, rows: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(httpx.get(f"{server.url}/metrics").text, "bank_churn_prediction_log_written_rows_total", 0) < rows:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{rows} rows not logged after {timeout} s")
+        time.sleep(0.2)
+
+
+def scenario_markdown(s: dict) -> list[str]:
+    quiet, drift = s["no_drift"], s["drift"]
+    lines = [
+        f"Drift scenario, model `{s['model']}`: its held-out test split ({quiet['rows_current']:,} rows, as a "
+        f"scoring job) and the same customers with Age + 10 years and 70% in Germany "
+        f"({drift['rows_current']:,} rows, /predict_batch), each window judged by `python -m monitoring.drift` "
+        f"against the {quiet['rows_reference']:,}-row reference (drift at 0.1 and above):",
+        "",
+        "| column | method | test split: score | drift? | drifted traffic: score | drift? |",
+        "|---|---|---:|---|---:|---|",
+    ]
+    for name, column in quiet["features"].items():
+        other = drift["features"][name]
+        lines.append(
+            f"| {name} | {column['method']} | {column['score']:.3f} | {'**yes**' if column['drifted'] else 'no'} | "
+            f"{other['score']:.3f} | {'**yes**' if other['drifted'] else 'no'} |"
+        )
+    qp, dp = quiet["prediction"], drift["prediction"]
+    lines += [
+        f"| churn_probability (prediction) | {qp['method']} | {qp['score']:.3f} | {'**yes**' if qp['drifted'] else 'no'} | "
+        f"{dp['score']:.3f} | {'**yes**' if dp['drifted'] else 'no'} |",
+        f"| exit status | | {quiet['exit']} | | {drift['exit']} | |",
+        "",
+    ]
+    perf, test = s["performance"], s["training_test_metrics"]
+    lines += [
+        f"Realized performance on the test split's outcomes (`python -m monitoring.performance`, "
+        f"{perf['rows_matched']:,} matched, exit {perf['exit']}):",
+        "",
+        "| metric | realized | training report, test split | training estimate (CV) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("roc_auc", "pr_auc", "brier"):
+        m = perf["metrics"][name]
+        lines.append(
+            f"| {name} | {m['realized']:.6f} | {test[name]:.6f} | {m['estimate']['mean']:.4f} ± {m['estimate']['std']:.4f} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(results: dict, meta: dict) -> str:
     p, j, r = results["predict"], results["job"], results["report"]
     lines = [
@@ -249,6 +362,7 @@ def markdown(results: dict, meta: dict) -> str:
         f"| file sink ({r['file']['bytes_per_row']:.0f} B/row on disk) | {r['file']['seconds']:.1f} | {r['file']['peak_rss_mb']:.0f} |",
         f"| Redis stream ({r['redis']['stream_bytes_per_row']:.0f} B/row in Redis) | {r['redis']['seconds']:.1f} | {r['redis']['peak_rss_mb']:.0f} |",
         "",
+        *scenario_markdown(results["scenario"]),
         "Target: the log at sample 1.0 costs at most 5% (ratio >= 0.95). "
         + "; ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in results["verdicts"].items()),
     ]
@@ -262,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-rows", type=int, default=200_000)
     p.add_argument("--report-rows", type=int, default=1_000_000)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
-    p.add_argument("--only", choices=("predict", "job", "report"), help="one part only (no report files written)")
+    p.add_argument(
+        "--only", choices=("predict", "job", "scenario", "report"), help="one part only (no report files written)"
+    )
     a = p.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         p.error("needs 2 cores (server and load generator pinned apart)")
@@ -287,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.only in (None, "job"):
             print(f"{a.job_rows:,}-row job:")
             results["job"] = job_cells(redis, work, a.job_rows, a.rounds)
+        if a.only in (None, "scenario"):
+            print("drift scenario:")
+            results["scenario"] = scenario_cells(work)
         if a.only in (None, "report"):
             print(f"drift report over {a.report_rows:,} logged rows:")
             results["report"] = report_cells(redis, a.report_rows, work)

@@ -18,11 +18,10 @@ import sys
 import time
 
 import httpx
-import numpy as np
 import pandas as pd
 import pytest
 
-from harness.data import DATA, submit_job
+from harness.data import DATA, drifted, submit_job
 from harness.fleet import wait_for_job
 from harness.pushgateway import Pushgateway
 from harness.servers import ROOT, metric, serving
@@ -31,18 +30,6 @@ from serving.predictionlog.sinks import iso_time as iso
 from serving.predictionlog.sinks import read_files
 
 pytestmark = pytest.mark.integration  # a real `bentoml serve`, the CLIs as subprocesses, a Pushgateway
-
-
-def drifted(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Age + 10 years (within the schema's 100), and Geography moved to 70% Germany by relabelling
-    customers (so their other columns keep their distribution)."""
-    rng = np.random.default_rng(seed)
-    out = frame.copy()
-    out["Age"] = np.minimum(out["Age"] + 10, 100)
-    not_german = np.flatnonzero(out["Geography"].to_numpy() != "Germany")
-    need = round(0.7 * len(out)) - int((out["Geography"] == "Germany").sum())
-    out.iloc[rng.choice(not_german, size=need, replace=False), out.columns.get_loc("Geography")] = "Germany"
-    return out
 
 
 def logged_rows(directory) -> int:
