@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages lock serve train test test-fast lint format bench load-smoke load load-stress image image-full image-monitoring image-tools clean
+.PHONY: install system-packages lock serve train test test-fast lint format bench load-smoke load load-stress image image-full image-monitoring image-tools drift-screenshot clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -122,3 +122,11 @@ image-monitoring: $(VENV)/.installed image-tools
 	$(PY) -m training --if-missing
 	$(VENV)/bin/bentoml build -f bentofile.monitoring.yaml
 	deploy/image/build.sh --bento bank_churn_monitoring:latest
+
+## A drift report as headless Chromium renders it (the README's picture): make drift-screenshot REPORT=path/to/drift.html
+REPORT ?= reports/monitoring/drift/drift.html
+SCREENSHOT ?= docs/drift-report.png
+drift-screenshot:
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
+	  --disable-component-update --disable-sync --user-data-dir=$$(mktemp -d) --hide-scrollbars \
+	  --virtual-time-budget=20000 --window-size=1400,1700 --screenshot=$(abspath $(SCREENSHOT)) file://$(abspath $(REPORT))

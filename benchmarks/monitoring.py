@@ -45,7 +45,7 @@ from benchmarks.jobs import wait
 from harness.data import DATA, customers_csv, drifted, submit_job
 from harness.fleet import RedisServer
 from harness.servers import ROOT, ServeProcess, metric
-from models.schema import FEATURE_NAMES, json_customer, row_values
+from models.schema import CATEGORICAL_FEATURES, FEATURE_NAMES, NUMERIC_FEATURES, json_customer, row_values
 from models.store import get_stored, served_tag
 from serving.predictionlog.sinks import FileSink, RedisStreamSink, iso_time, redis_client
 from training.data import load_data
@@ -230,6 +230,58 @@ def report_cells(redis: RedisServer, rows: int, work: Path) -> dict:
     return out
 
 
+def writer_cells(redis: RedisServer, work: Path, rows: int = 200_000) -> dict:
+    """CPU time the log's writer thread spends per row (expanding batches into records,
+    encoding, writing), in this process: what the log takes from a server's core, free of the
+    HTTP cells' noise. Batches of 1, 32 and 5,000 rows (single /predict calls under light and
+    heavy load, a job's chunk)."""
+    from serving.predictionlog.writer import PredictionLog, Scored
+
+    base = [row_values(json_customer(r)) for r in load_data()[list(FEATURE_NAMES)].to_dict(orient="records")]
+    chunk = (base * (5000 // len(base) + 1))[:5000]
+    numeric_at = [FEATURE_NAMES.index(name) for name in NUMERIC_FEATURES]
+    job_columns = (
+        np.array([[row[i] for i in numeric_at] for row in chunk], dtype=np.float64),
+        {
+            name: np.array([row[FEATURE_NAMES.index(name)] for row in chunk], dtype=object)
+            for name in CATEGORICAL_FEATURES
+        },
+    )
+    out: dict = {}
+    for sink_name in ("file", "redis"):
+        for size in (1, 32, 5000):
+            if sink_name == "file":
+                sink = FileSink(work / f"writer-{size}", retention_s=86400, max_bytes=1 << 40)
+            else:
+                sink = RedisStreamSink(redis_client(redis.url), f"bench:writer:{size}", 86400, rows * 2)
+            log = PredictionLog(sink, "bank_churn:bench", max_rows=rows * 2)
+            n = rows // size if size > 1 else rows // 20
+            batches = [
+                Scored(
+                    time.time(),
+                    np.full(size, 0.3),
+                    np.ones(size, bool),
+                    ("/predict",) * size if size < 5000 else "/jobs",  # coalesced calls: a route and id each
+                    tuple(f"{i:032x}" for i in range(size)) if size < 5000 else None,
+                    rows=(base * (size // len(base) + 1))[:size] if size < 5000 else None,
+                    columns=job_columns if size >= 5000 else None,  # a job's chunk, as a job hands it over
+                    job_id="job" if size >= 5000 else None,
+                    row_numbers=np.arange(1, size + 1) if size >= 5000 else None,
+                    customer_ids=[str(15_600_000 + i) for i in range(size)] if size >= 5000 else None,
+                )
+                for _ in range(n)
+            ]
+            for b in batches:
+                log.add(b)
+            started = time.thread_time()
+            log._drain()  # the writer thread's work, on this thread, timed
+            spent = time.thread_time() - started
+            sink.close()
+            out[f"{sink_name} x{size}"] = spent / (n * size) * 1e6
+            print(f"  {sink_name:>5}, batches of {size:>4}: {out[f'{sink_name} x{size}']:.2f} us CPU per logged row")
+    return out
+
+
 def run_cli(module: str, env: dict[str, str], *args: str) -> tuple[int, dict]:
     out = Path(tempfile.mkdtemp(prefix="bench-cli-"))
     flag = "--out"
@@ -362,6 +414,15 @@ def markdown(results: dict, meta: dict) -> str:
         f"| file sink ({r['file']['bytes_per_row']:.0f} B/row on disk) | {r['file']['seconds']:.1f} | {r['file']['peak_rss_mb']:.0f} |",
         f"| Redis stream ({r['redis']['stream_bytes_per_row']:.0f} B/row in Redis) | {r['redis']['seconds']:.1f} | {r['redis']['peak_rss_mb']:.0f} |",
         "",
+        "The writer thread's CPU per logged row, in process (the cost the HTTP cells above try to see through "
+        "the noise): "
+        + ", ".join(f"{k}: {v:.2f} µs" for k, v in results["writer"].items())
+        + f". At /predict's {p['off']['rps_median']:,.0f} req/s that is "
+        + f"{results['writer']['file x32'] * p['off']['rps_median'] / 1e4:.2f}% of a core (file, batches of 32); "
+        + f"at the job's {j['off']['rows_per_s_median']:,.0f} rows/s, "
+        + f"{results['writer']['file x5000'] * j['off']['rows_per_s_median'] / 1e4:.2f}% (file) and "
+        + f"{results['writer']['redis x5000'] * j['off']['rows_per_s_median'] / 1e4:.2f}% (Redis, client side).",
+        "",
         *scenario_markdown(results["scenario"]),
         "Target: the log at sample 1.0 costs at most 5% (ratio >= 0.95). "
         + "; ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in results["verdicts"].items()),
@@ -377,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-rows", type=int, default=1_000_000)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     p.add_argument(
-        "--only", choices=("predict", "job", "scenario", "report"), help="one part only (no report files written)"
+        "--only",
+        choices=("predict", "job", "writer", "scenario", "report"),
+        help="one part only (no report files written)",
     )
     a = p.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
@@ -403,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.only in (None, "job"):
             print(f"{a.job_rows:,}-row job:")
             results["job"] = job_cells(redis, work, a.job_rows, a.rounds)
+        if a.only in (None, "writer"):
+            print("the writer's CPU per logged row:")
+            results["writer"] = writer_cells(redis, work)
         if a.only in (None, "scenario"):
             print("drift scenario:")
             results["scenario"] = scenario_cells(work)
