@@ -119,3 +119,19 @@ def test_a_metric_is_below_its_estimate_only_when_it_falls_by_more_than_the_tole
     small = evaluate(scored(50, 0.35), METADATA)["metrics"]["roc_auc"]
     assert small["tolerance"] == pytest.approx(2 * 0.01 * (1600 / 100) ** 0.5), "fewer rows than a fold: wider"
     assert bad["expected_value_per_customer"]["test_split"] == 45.0
+
+
+def test_keep_prunes_only_the_oldest_report_directories(tmp_path):
+    import os
+
+    from monitoring.drift import prune
+
+    for i in range(5):
+        report = tmp_path / f"2027-01-0{i + 1}"
+        report.mkdir()
+        (report / "drift.json").write_text("{}")
+        os.utime(report, (1_800_000_000 + i, 1_800_000_000 + i))
+    (tmp_path / "notes").mkdir()  # not a report: never touched
+    deleted = prune(tmp_path, keep=2)
+    assert sorted(p.name for p in deleted) == ["2027-01-01", "2027-01-02", "2027-01-03"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2027-01-04", "2027-01-05", "notes"]
