@@ -77,6 +77,7 @@ class PredictionLog:
         self.retry_s = retry_s
         self.enabled = sink is not None and sample > 0
         self._queue: collections.deque[Scored] = collections.deque()
+        self._lock = threading.Lock()  # the inference, job and writer threads all move the count
         self.queued_rows = 0  # rows waiting in the queue (read by /metrics)
         self.sink_up = 1
         self._stop = threading.Event()
@@ -105,11 +106,13 @@ class PredictionLog:
         if not self.enabled:
             return
         n = len(scored.proba)
-        if self.queued_rows + n > self.max_rows:
+        with self._lock:
+            full = self.queued_rows + n > self.max_rows
+            if not full:
+                self.queued_rows += n
+                self._queue.append(scored)
+        if full:
             telemetry.log_dropped("queue_full", n)
-            return
-        self.queued_rows += n  # a racy counter on purpose: it bounds memory, it does not account
-        self._queue.append(scored)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued batch is written (or dropped); False on timeout."""
@@ -147,9 +150,10 @@ class PredictionLog:
                 batches.append(self._queue.popleft())
             if not batches:
                 return
+            with self._lock:
+                self.queued_rows -= sum(len(scored.proba) for scored in batches)
             records: list[Any] = []
             for scored in batches:
-                self.queued_rows -= len(scored.proba)
                 records += self._records(scored)
             if records:
                 self._write(records)
