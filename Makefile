@@ -47,8 +47,10 @@ install: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed
 
 ## Debian packages the tests and benchmarks run for real: a Redis server and a load balancer
 ## for the fleet tests, wrk for the benchmarks, buildah + debootstrap + curl to build and run
-## the image (no Docker engine). Installed only when missing (needs root or sudo).
-SYSTEM_PACKAGES ?= redis-server haproxy wrk buildah debootstrap curl
+## the image (no Docker engine), prometheus (its promtool checks and unit-tests the alerts) and
+## prometheus-pushgateway (the monitoring jobs push to it). Installed only when missing (needs
+## root or sudo; each name is also the command checked for).
+SYSTEM_PACKAGES ?= redis-server haproxy wrk buildah debootstrap curl prometheus prometheus-pushgateway
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
