@@ -548,12 +548,12 @@ def test_timed_out_queued_jobs_give_back_their_queue_slots(fleet, timeout_bursts
 
 
 def _batches_started(server: ServeProcess) -> float:
-    """/predict_batch requests the server has started: in progress plus answered."""
+    """/predict_batch requests the server has started: in progress plus answered (a hot route)."""
     text = metrics_text(server)
     started = 0.0
-    for name in ("bentoml_service_request_in_progress", "bentoml_service_request_duration_seconds_count"):
+    for name in ("bank_churn_http_requests_in_progress", "bank_churn_http_requests_total"):
         with contextlib.suppress(KeyError):  # KeyError: no such request yet
-            started += metric(text, name, endpoint="/predict_batch")
+            started += metric(text, name, route="/predict_batch")
     return started
 
 
