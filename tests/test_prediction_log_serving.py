@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import grpc
 import httpx
 import pytest
 
@@ -16,8 +17,11 @@ from harness.data import customers_csv, submit_job
 from harness.fleet import Fleet, RedisServer, wait_for_job
 from harness.servers import metric, serving
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
+from serving.engine import V2_GRPC
 from serving.predictionlog.records import PredictionRow
 from serving.predictionlog.sinks import RedisStreamSink, iso_time, read_files, read_stream, redis_client
+from serving.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.test_v2_grpc import infer_request, outputs
 
 pytestmark = pytest.mark.integration  # real `bentoml serve`, redis-server, haproxy
 
@@ -80,11 +84,18 @@ def test_every_route_logs_its_rows_with_its_request_id(logging_server, trained):
     )
     job = submit_job(url, upload).json()
     wait_for_job(url, job["job_id"])
+    with grpc.insecure_channel(logging_server.grpc_address) as channel:
+        answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request([CUSTOMER, older, CUSTOMER]))
+    grpc_probabilities = outputs(answer)["churn_probability"]
 
-    records = wait_for_rows(lambda: read_files(logging_server.log_dir, since=0), 1 + 1 + 3 + 1 + 1 + 2 + 2)
+    records = wait_for_rows(lambda: read_files(logging_server.log_dir, since=0), 1 + 1 + 3 + 1 + 1 + 2 + 2 + 3)
     by_id: dict = {}
     for r in records:
         by_id.setdefault(r.request_id or r.job_id, []).append(r)
+    # gRPC calls do not pass the HTTP front that gives requests their id: logged without one
+    grpc_rows = by_id.pop(None)
+    assert [(r.route, r.row, r.Age) for r in grpc_rows] == [(V2_GRPC, i, a) for i, a in ((1, 42), (2, 70), (3, 42))]
+    assert [r.churn_probability for r in grpc_rows] == grpc_probabilities
     assert set(by_id) == {"predict", "explained", "batch", "explain", "v2-one", "v2-many", job["job_id"]}
     assert [(r.route, r.row) for r in by_id["predict"]] == [("/predict", None)]
     assert by_id["predict"][0].churn_probability == answers["predict"].json()["churn_probability"]
