@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages java lock protos audit serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
+.PHONY: install system-packages java lock protos audit serve train test test-fast lint format bench load-smoke load load-stress image image-full image-monitoring image-tools drift-screenshot clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -30,6 +30,7 @@ lock: $(VENV)/.installed
 	$(UV) lock
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-header -o requirements/serve.txt
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-header --extra sklearn -o requirements/full.txt
+	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-header --extra monitoring -o requirements/monitoring.txt
 	$(UV) pip compile --quiet --python-version 3.11 requirements/clients.in -o requirements/clients.txt
 	mkdir -p build
 	$(UV) export --quiet --frozen --all-extras --no-emit-project --no-hashes --no-header -o build/lock-constraints.txt
@@ -58,8 +59,10 @@ install: $(VENV)/.installed .venv-checkov/.installed .venv-clients/.installed
 
 ## Debian packages the tests and benchmarks run for real: a Redis server and a load balancer
 ## for the fleet tests, wrk for the benchmarks, buildah + debootstrap + curl to build and run
-## the image (no Docker engine), openssl for the TLS test's certificates. Installed only when missing (needs root or sudo).
-SYSTEM_PACKAGES ?= redis-server haproxy wrk buildah debootstrap curl openssl
+## the image (no Docker engine), openssl for the TLS test's certificates, prometheus (its promtool
+## checks and unit-tests the alerts) and prometheus-pushgateway (the monitoring jobs push to it).
+## Installed only when missing (needs root or sudo; each name is also the command checked for).
+SYSTEM_PACKAGES ?= redis-server haproxy wrk buildah debootstrap curl openssl prometheus prometheus-pushgateway
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -129,10 +132,10 @@ format: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-checkov .venv-clients .pytest_cache .ruff_cache build
 
-## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs, hostile uploads (memory), Redis faults, Spark.
+## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs, hostile uploads (memory), Redis faults, Spark, the prediction log's cost and the drift report's (needs a model trained with a drift reference).
 bench: $(VENV)/.installed system-packages java
 	$(PY) -m training --if-missing
-	@failed=""; for b in inprocess http profile startup jobs uploads redis_faults spark; do \
+	@failed=""; for b in inprocess http profile startup jobs uploads redis_faults spark monitoring; do \
 	  echo "== python -m benchmarks.$$b"; $(PY) -m benchmarks.$$b || failed="$$failed $$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "benchmarks with a FAIL verdict or an error:$$failed"; exit 1; fi
@@ -153,3 +156,17 @@ image-full: $(VENV)/.installed image-tools
 	$(PY) -m training --if-missing
 	$(VENV)/bin/bentoml build -f bentofile.full.yaml
 	deploy/image/build.sh --bento bank_churn_full:latest
+
+## The monitoring Bento and its image (bentofile.monitoring.yaml: + the monitoring jobs and Evidently), for the drift CronJob.
+image-monitoring: $(VENV)/.installed image-tools
+	$(PY) -m training --if-missing
+	$(VENV)/bin/bentoml build -f bentofile.monitoring.yaml
+	deploy/image/build.sh --bento bank_churn_monitoring:latest
+
+## A drift report as headless Chromium renders it (the README's picture): make drift-screenshot REPORT=path/to/drift.html
+REPORT ?= reports/monitoring/drift/drift.html
+SCREENSHOT ?= docs/drift-report.png
+drift-screenshot:
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
+	  --disable-component-update --disable-sync --user-data-dir=$$(mktemp -d) --hide-scrollbars \
+	  --virtual-time-budget=20000 --window-size=1400,1700 --screenshot=$(abspath $(SCREENSHOT)) file://$(abspath $(REPORT))

@@ -21,7 +21,7 @@ from models.schema import BatchValidationError, Customer, row_values, schema_dic
 from models.store import check_model, get_stored
 from serving import telemetry
 from serving.concurrency import Overloaded
-from serving.engine import Engine
+from serving.engine import EXPLAIN, PREDICT, PREDICT_BATCH, Engine
 from serving.http import BodyLimitMiddleware, ValidationMessageMiddleware, describe_validation_errors, error_response
 from serving.online import PredictRoute, overloaded
 from serving.routes import HotRoutes, RouteTable
@@ -204,8 +204,9 @@ class BankChurn:
         with telemetry.stage("featurize"):
             row = row_values(customer)
         try:
-            p = await self.engine.predict_one(row)
-            return Prediction(**self.engine.prediction(p, await self.engine.explain(row) if explain else None))
+            p = await self.engine.predict_one(row, route=PREDICT)
+            explanation = await self.engine.explain(row, route=None) if explain else None
+            return Prediction(**self.engine.prediction(p, explanation))
         except Overloaded as exc:
             return _shed(exc)
 
@@ -214,7 +215,7 @@ class BankChurn:
         """Churn probabilities for 1 to BANKCHURN_MAX_BATCH_ROWS customers, in input order."""
         telemetry.record_since_request_start("receive")
         try:
-            body = await self.engine.score_records(customers)
+            body = await self.engine.score_records(customers, route=PREDICT_BATCH)
         except BatchValidationError as exc:
             return error_response(400, "; ".join(describe_validation_errors(exc.errors)), detail=exc.errors)
         except Overloaded as exc:
@@ -225,7 +226,7 @@ class BankChurn:
     async def explain(self, customer: Customer) -> Explanation:  # type: ignore[valid-type]
         """Per-feature contributions to the churn log-odds; base_value + their sum = log_odds."""
         try:
-            return Explanation(**await self.engine.explain(row_values(customer)))
+            return Explanation(**await self.engine.explain(row_values(customer), route=EXPLAIN))
         except Overloaded as exc:
             return _shed(exc)
 

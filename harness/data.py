@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import httpx
 
 from harness.servers import ROOT
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DATA = ROOT / "data" / "Churn_Modelling.csv"
 
@@ -42,3 +47,18 @@ def customers_table(rows: int, seed: int = 0):
     return table.set_column(
         table.schema.get_field_index("CustomerId"), "CustomerId", pa.array(np.arange(1, rows + 1, dtype=np.int64))
     )
+
+
+def drifted(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The drift scenario's traffic: the same customers with Age + 10 years (within the
+    schema's 100) and Geography moved to 70% Germany by relabelling customers, so that their
+    other columns keep their distribution."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = frame.copy()
+    out["Age"] = np.minimum(out["Age"] + 10, 100)
+    not_german = np.flatnonzero(out["Geography"].to_numpy() != "Germany")
+    need = round(0.7 * len(out)) - int((out["Geography"] == "Germany").sum())
+    out.iloc[rng.choice(not_german, size=need, replace=False), out.columns.get_loc("Geography")] = "Germany"
+    return out

@@ -32,6 +32,9 @@ DEFAULT_MODEL_TAG = f"{MODEL_NAME}:latest"
 PIPELINE_FILE = "pipeline.joblib"
 BACKGROUND_FILE = "background.json"
 COMPILED_FILE = "pipeline.onnx"  # ONNX Runtime model, saved only when its parity check passed
+# The drift reference (CSV): the fit split's features and target with the model's out-of-fold
+# P(churn); the monitoring jobs read it, serving never does.
+REFERENCE_FILE = "reference.csv"
 TRAIN_COMMAND = "python -m training"  # what to run when the store has no model
 LIBRARIES = ("scikit-learn", "xgboost", "lightgbm", "numpy", "pandas", "bentoml", "onnx", "onnxruntime")
 

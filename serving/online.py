@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 from models.schema import row_values
 from serving import telemetry
 from serving.concurrency import Overloaded
-from serving.engine import Engine
+from serving.engine import PREDICT, Engine
 from serving.http import describe_validation_errors
 from serving.routes import HttpError, media_type, read_body, send_json
 
@@ -60,8 +60,8 @@ class PredictRoute:
         with telemetry.stage("featurize"):
             row = row_values(request.customer)
         try:
-            p = await self.engine.predict_one(row)
-            explanation = await self.engine.explain(row) if request.explain else None
+            p = await self.engine.predict_one(row, route=PREDICT)
+            explanation = await self.engine.explain(row, route=None) if request.explain else None
         except Overloaded as exc:
             raise overloaded(exc) from None
         await send_json(send, 200, orjson.dumps(self.engine.prediction(p, explanation)))

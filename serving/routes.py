@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving import telemetry
+from serving import requestid, telemetry
 
 logger = logging.getLogger("bentoml.service.bank_churn.routes")
 access_logger = logging.getLogger("bentoml.access.bank_churn")
@@ -229,10 +229,12 @@ UNLOGGED_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 
 async def dispatch(app: ASGIApp, table: RouteTable, scope: Scope, receive: Receive, send: Send) -> None:
     """A hot route if one matches; /docs.json with the hot routes added; else BentoML's app.
-    Every request but probes goes through the one access log (BentoML's own is off)."""
+    Every request gets an id (X-Request-Id); every one but probes goes through the one
+    access log (BentoML's own is off)."""
     if scope["type"] != "http":
         await app(scope, receive, send)
         return
+    send = requestid.stamp(scope, send)
     hit = table.match(scope)
     if hit is not None:
         await table.serve(hit[0], hit[1], scope, receive, send)

@@ -99,6 +99,42 @@ class Settings(BaseSettings):
     )
     job_queue: str = Field("bank_churn", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="queue name in Redis")
 
+    # The prediction log (serving.predictionlog): a record per scored row, for drift and
+    # realized-performance reports (python -m monitoring.drift / monitoring.performance read
+    # it back with these same settings).
+    prediction_log_sink: Literal["file", "redis", "off"] = Field(
+        "file",
+        description="where scored rows are logged: JSON-lines files under prediction_log_dir (one process), "
+        "a capped Redis stream shared by every replica, or nowhere",
+    )
+    prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of scored rows logged (0 = none)")
+    prediction_log_dir: Path = Field(Path("prediction_log"), description="directory of the file sink")
+    prediction_log_redis_url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis of the stream sink (unset: BANKCHURN_REDIS_URL, the jobs' Redis)",
+    )
+    prediction_log_stream: str = Field(
+        "bank_churn:predictions", pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="stream key of the Redis sink"
+    )
+    prediction_log_retention_hours: float = Field(
+        24 * 35, gt=0, description="logged rows older than this are deleted (both sinks)"
+    )
+    prediction_log_max_rows: int = Field(
+        1_000_000, ge=1000, description="Redis sink: the stream keeps at most about this many rows"
+    )
+    prediction_log_max_bytes: int = Field(
+        2 * 1024**3, ge=1024**2, description="file sink: the directory keeps at most about this many bytes"
+    )
+    prediction_log_queue_rows: int = Field(
+        100_000, ge=1, description="rows waiting to be written beyond which new rows are dropped (and counted)"
+    )
+
+    @property
+    def prediction_log_redis(self) -> str | None:
+        """The Redis URL of the stream sink: its own, else the jobs' Redis."""
+        return self.prediction_log_redis_url or self.redis_url
+
     @model_validator(mode="after")
     def _redis_tls(self) -> Settings:
         # Checked here, so that `bentoml serve` stops at start-up with the reason (the URL is

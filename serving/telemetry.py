@@ -86,8 +86,18 @@ JOB_STORE_ERRORS = Counter(
 )
 _job_store = {"up": 1}
 
+# The prediction log (serving.predictionlog): rows written to its sink, and rows dropped
+# because the queue was full (the sink slow or down) or the sink failed to take them.
+LOG_WRITTEN = Counter(f"{PREFIX}_prediction_log_written_rows_total", "Scored rows written to the prediction log")
+LOG_DROPPED = Counter(
+    f"{PREFIX}_prediction_log_dropped_rows_total",
+    "Scored rows the prediction log dropped: queue_full (the sink is slow or down) or sink_error",
+    ["reason"],
+)
+
 _model_info: dict[str, str] = {}
 _watched: list[Any] = []
+_log: list[Any] = []
 
 # Set by the HTTP middleware when a request arrives: 'validate' = arrival -> API entry
 # (body read, JSON parsing and schema validation all happen in BentoML before our code).
@@ -229,12 +239,21 @@ def record_since_request_start(name: str) -> None:
         span.end(end_time=end_ns)
 
 
-def record_predictions(proba: np.ndarray, threshold: float) -> None:
-    churn = int((proba >= threshold).sum())
+def record_decisions(decisions: np.ndarray) -> None:
+    """Count scored customers by decision (the engine's `will_churn` for each)."""
+    churn = int(decisions.sum())
     if churn:
         _child(PREDICTIONS, "true").inc(churn)
-    if len(proba) - churn:
-        _child(PREDICTIONS, "false").inc(len(proba) - churn)
+    if len(decisions) - churn:
+        _child(PREDICTIONS, "false").inc(len(decisions) - churn)
+
+
+def log_written(rows: int) -> None:
+    LOG_WRITTEN.inc(rows)
+
+
+def log_dropped(reason: str, rows: int) -> None:
+    _child(LOG_DROPPED, reason).inc(rows)
 
 
 def job_store_error(op: str) -> bool:
@@ -274,8 +293,9 @@ def set_model_info(tag: str, backend: str) -> None:
     _model_info.update(tag=tag, backend=backend)
 
 
-def watch(batcher: Any, *pools: Any) -> None:
+def watch(batcher: Any, *pools: Any, log: Any = None) -> None:
     _watched[:] = [batcher, *pools]
+    _log[:] = [log] if log is not None and log.enabled else []
 
 
 def live_metrics() -> str:
@@ -300,5 +320,14 @@ def live_metrics() -> str:
             f"# HELP {PREFIX}_batcher_pending_rows Single-row predictions waiting to join a batch",
             f"# TYPE {PREFIX}_batcher_pending_rows gauge",
             f"{PREFIX}_batcher_pending_rows {batcher.pending}",
+        ]
+    for log in _log:
+        lines += [
+            f"# HELP {PREFIX}_prediction_log_queued_rows Scored rows waiting to be written to the prediction log",
+            f"# TYPE {PREFIX}_prediction_log_queued_rows gauge",
+            f"{PREFIX}_prediction_log_queued_rows {max(0, log.queued_rows)}",
+            f"# HELP {PREFIX}_prediction_log_sink_up Whether the last write to the prediction log's sink succeeded",
+            f"# TYPE {PREFIX}_prediction_log_sink_up gauge",
+            f"{PREFIX}_prediction_log_sink_up {log.sink_up}",
         ]
     return "\n".join(lines) + "\n"

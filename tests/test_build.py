@@ -111,7 +111,10 @@ def test_bento_sets_thread_envs_and_one_worker(bento):
     assert info["services"][0]["config"]["workers"] == 1
 
 
-@pytest.mark.parametrize(("name", "extra"), [("serve.txt", []), ("full.txt", ["--extra", "sklearn"])])
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("serve.txt", []), ("full.txt", ["--extra", "sklearn"]), ("monitoring.txt", ["--extra", "monitoring"])],
+)
 def test_exported_requirements_match_the_lock_and_carry_hashes(name, extra):
     """requirements/*.txt are exported from uv.lock (`make lock`); a stale export fails here.
     Every requirement carries the SHA-256 of its files, so an image installs only those."""

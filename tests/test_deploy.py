@@ -54,7 +54,8 @@ K8S_VERSION = "1.33"
 APP = "bank-churn"
 JOBS = "bank-churn-jobs"
 REDIS = "bank-churn-redis"
-PARTS = (APP, JOBS, REDIS)  # app.kubernetes.io/name of the API, the job workers, Redis
+MONITORING = "bank-churn-monitoring"
+PARTS = (APP, JOBS, REDIS, MONITORING)  # app.kubernetes.io/name of the API, the job workers, Redis, the drift job
 NAMESPACE = "bank-churn"
 REDIS_PORT = 6379
 SERVICE_NAME = "BankChurn"  # the BentoML service class: key of its config section
@@ -84,6 +85,10 @@ BASE_OBJECTS = Counter(
         ("NetworkPolicy", APP): 1,
         ("NetworkPolicy", JOBS): 1,
         ("NetworkPolicy", REDIS): 1,
+        ("ServiceAccount", MONITORING): 1,
+        ("CronJob", "bank-churn-drift"): 1,
+        ("PersistentVolumeClaim", "bank-churn-monitoring-reports"): 1,
+        ("NetworkPolicy", MONITORING): 1,
     }
 )
 EXPECTED_OBJECTS = {
@@ -340,7 +345,14 @@ def _prestop_sleep_s(container: dict) -> int:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_kustomize_renders_expected_objects(rendered, target):
-    objects = Counter((d["kind"], re.sub(r"-[a-z0-9]{10}$", "", d["metadata"]["name"])) for d in rendered[target])
+    def name(doc: dict) -> str:  # generated ConfigMaps end in a content hash
+        return (
+            re.sub(r"-[a-z0-9]{10}$", "", doc["metadata"]["name"])
+            if doc["kind"] == "ConfigMap"
+            else doc["metadata"]["name"]
+        )
+
+    objects = Counter((d["kind"], name(d)) for d in rendered[target])
     assert objects == EXPECTED_OBJECTS[target]
 
 
@@ -730,6 +742,10 @@ def test_no_selector_of_one_part_matches_the_pods_of_another(rendered, target):
         for d in docs
         if d["kind"] in ("Deployment", "StatefulSet")
     }
+    for d in docs:  # a CronJob's pods, by the part they belong to
+        if d["kind"] == "CronJob":
+            labels = d["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+            pods[labels["app.kubernetes.io/name"]] = labels
     selectors = [(d["kind"], d["metadata"]["name"], d["spec"]["selector"]) for d in docs if d["kind"] == "Service"]
     selectors += [
         (d["kind"], d["metadata"]["name"], d["spec"]["selector"]["matchLabels"])
@@ -767,7 +783,11 @@ def test_redis_is_persistent_non_root_and_reachable_only_by_our_pods(rendered, t
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"] and policy["egress"] == []
     (rule,) = policy["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": REDIS_PORT}]
-    assert sorted(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]) == [APP, JOBS]
+    assert sorted(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]) == [
+        APP,
+        JOBS,
+        MONITORING,
+    ]
     jobs_policy = _one(docs, "NetworkPolicy", JOBS)["spec"]
     assert {(p["protocol"], p["port"]) for r in jobs_policy["egress"] for p in r["ports"]} == {
         ("UDP", 53),

@@ -14,6 +14,7 @@ import pytest
 from harness.data import customers_csv
 from models.predictor import load_predictor
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, row_values
+from serving.engine import Engine
 from serving.jobs.csvfile import (
     CHUNK_BYTES,
     MAX_CELL_CHARS,
@@ -25,6 +26,7 @@ from serving.jobs.csvfile import (
     reduce_upload,
     score_chunk,
 )
+from serving.settings import Settings
 
 HEADER = ["CustomerId", *FEATURE_NAMES]
 GOOD = [str(EXAMPLE_CUSTOMER[n]) for n in FEATURE_NAMES]
@@ -34,6 +36,13 @@ HEAD = ",".join(HEADER).encode()
 @pytest.fixture(scope="module")
 def predictor(trained):
     return load_predictor(trained.model)
+
+
+@pytest.fixture(scope="module")
+def engine(predictor):
+    engine = Engine(predictor, Settings(prediction_log_sink="off"))
+    yield engine
+    engine.shutdown()
 
 
 def csv_bytes(rows: list[list[str]], header: list[str] = HEADER) -> bytes:
@@ -136,11 +145,11 @@ def test_hostile_files_are_refused_naming_the_problem_in_bounded_memory(data, me
     assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB traced while reading a {len(data) / 2**20:.0f} MiB file"
 
 
-def test_an_overlong_cell_makes_its_row_an_error_and_is_not_kept(predictor):
+def test_an_overlong_cell_makes_its_row_an_error_and_is_not_kept(engine, predictor):
     rows = [["1", *GOOD], ["7" * 500, *GOOD], ["3", *GOOD[:3], "4" * 5000, *GOOD[4:]]]
     _, (chunk,) = reduce(csv_bytes(rows))
     assert max(len(cell) for record in chunk for cell in record[2:]) == MAX_CELL_CHARS  # the id, cut
-    result = score_chunk(predictor, chunk, with_id=True)
+    result = score_chunk(engine, chunk, with_id=True, job_ref="job-1")
     errors = orjson.loads(b"[" + result.errors + b"]")
     assert (result.scored, [e["row"] for e in errors]) == (1, [2, 3])
     assert errors[0]["error"] == f"CustomerId: a cell of 500 characters (at most {MAX_CELL_CHARS})"
@@ -148,7 +157,7 @@ def test_an_overlong_cell_makes_its_row_an_error_and_is_not_kept(predictor):
     assert errors[1]["error"] == f"Age: a cell of 5,000 characters (at most {MAX_CELL_CHARS})"
 
 
-def test_a_chunk_scores_valid_rows_like_the_model_and_reports_each_bad_one(predictor):
+def test_a_chunk_scores_valid_rows_like_the_model_and_reports_each_bad_one(engine, predictor):
     rows = [
         ["1", *GOOD],
         ["2", *GOOD[:3], "old", *GOOD[4:]],  # Age: not a number
@@ -160,7 +169,7 @@ def test_a_chunk_scores_valid_rows_like_the_model_and_reports_each_bad_one(predi
         ["8", *GOOD[:3], "42.0", *GOOD[4:]],  # an integral float for an integer: fine
     ]
     _, (chunk,) = reduce(csv_bytes(rows))
-    result = score_chunk(predictor, chunk, with_id=True)
+    result = score_chunk(engine, chunk, with_id=True, job_ref="job-1")
     predictions = orjson.loads(b"[" + result.predictions + b"]")
     errors = orjson.loads(b"[" + result.errors + b"]")
     assert (result.scored, result.failed) == (3, 5)
@@ -188,10 +197,10 @@ def test_a_chunk_scores_valid_rows_like_the_model_and_reports_each_bad_one(predi
     assert lines[1][2:4] == ["", ""] and lines[1][4].startswith("Age: ")
 
 
-def test_a_repeated_column_is_read_from_its_first_occurrence(predictor):
+def test_a_repeated_column_is_read_from_its_first_occurrence(engine, predictor):
     header = [*FEATURE_NAMES, "Age"]
     _, (chunk,) = reduce(csv_bytes([[*GOOD, "999"]], header))
-    result = score_chunk(predictor, chunk, with_id=False)
+    result = score_chunk(engine, chunk, with_id=False, job_ref="job-1")
     assert (result.scored, result.failed) == (1, 0)
     (prediction,) = orjson.loads(b"[" + result.predictions + b"]")
     assert set(prediction) == {"row", "churn_probability", "will_churn"}
@@ -215,10 +224,10 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(cell, shown):
     assert neutralise(cell) == shown
 
 
-def test_formula_ids_and_error_text_come_out_as_text_in_the_csv_result(predictor):
+def test_formula_ids_and_error_text_come_out_as_text_in_the_csv_result(engine, predictor):
     rows = [['=HYPERLINK("http://evil")', *GOOD], ["@SUM(1)", *GOOD[:3], "=1+1", *GOOD[4:]]]
     _, (chunk,) = reduce(csv_bytes(rows))
-    result = score_chunk(predictor, chunk, with_id=True)
+    result = score_chunk(engine, chunk, with_id=True, job_ref="job-1")
     text = chunk_as_csv(result.predictions, result.errors, with_id=True).decode()
     lines = list(csv.reader(io.StringIO(text)))
     assert lines[0][1] == '\'=HYPERLINK("http://evil")' and lines[1][1] == "'@SUM(1)"

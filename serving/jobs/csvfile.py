@@ -27,9 +27,9 @@ import numpy as np
 import orjson
 
 from models.columns import number_cells, validate_columns
-from models.predictor import Predictor
 from models.schema import BY_NAME, FEATURE_NAMES, ID_COLUMN
 from serving import telemetry
+from serving.engine import JOBS, Engine
 
 # Bounds of an upload. Each names a problem a client is told about in a 400.
 MAX_RECORD_CHARS = 1 << 20  # one CSV record (a row, quoted line breaks included)
@@ -257,9 +257,10 @@ def read_chunk(blob: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(blob.decode(), newline="")))
 
 
-def score_chunk(predictor: Predictor, records: list[list[str]], with_id: bool) -> ChunkResult:
+def score_chunk(engine: Engine, records: list[list[str]], with_id: bool, job_ref: str) -> ChunkResult:
     """Validate a reduced chunk's rows against the schema (vectorised, columns at a time),
-    score the valid ones in one model call, report each invalid one with every problem it has."""
+    score the valid ones in one model call (the engine's, on this thread; logged under the
+    job's ref), report each invalid one with every problem it has."""
     first = 3 if with_id else 2  # the first feature column
     rows = [int(record[ROW]) for record in records]
     problems: dict[int, list[str]] = {i: [record[PROBLEM]] for i, record in enumerate(records) if record[PROBLEM]}
@@ -288,18 +289,22 @@ def score_chunk(predictor: Predictor, records: list[list[str]], with_id: bool) -
         if ok.any():
             numeric = checked.numeric[ok]
             categorical = {name: values[ok] for name, values in checked.categorical.items()}
-            telemetry.BATCH_ROWS.observe(len(numeric))
-            with telemetry.stage("predict"):
-                proba = predictor.predict_columns(numeric, categorical)
-            threshold = predictor.threshold
-            telemetry.record_predictions(proba, threshold)
             good = [whole[i] for i in np.flatnonzero(ok).tolist()]
-            for i, p in zip(good, proba.tolist(), strict=True):
+            ids = [records[i][2] for i in good] if with_id else None
+            proba, churn = engine.score_columns(
+                numeric,
+                categorical,
+                route=JOBS,
+                job_id=job_ref,
+                row_numbers=np.array([rows[i] for i in good]),
+                customer_ids=ids,
+            )
+            for k, (i, p, d) in enumerate(zip(good, proba.tolist(), churn.tolist(), strict=True)):
                 entry: dict[str, Any] = {"row": rows[i]}
-                if with_id:
-                    entry[ID_COLUMN] = records[i][2]
+                if ids is not None:
+                    entry[ID_COLUMN] = ids[k]
                 entry["churn_probability"] = p
-                entry["will_churn"] = p >= threshold
+                entry["will_churn"] = d
                 scored.append(entry)
     errors = []
     for i in sorted(problems):

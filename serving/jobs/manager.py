@@ -374,12 +374,12 @@ class JobManager:
             await asyncio.sleep(0.1)
 
     async def _score(self, key: str, record: dict[str, str], done: set[int]) -> None:
-        ref, tag, predictor = job_ref(key), self.engine.tag, self.engine.predictor
+        ref, tag = job_ref(key), self.engine.tag
         with_id = record.get("has_customer_id") == "1"
         chunks = int(record["chunks_total"])
 
         def scored(blob: bytes) -> Any:
-            return score_chunk(predictor, read_chunk(blob), with_id)
+            return score_chunk(self.engine, read_chunk(blob), with_id, ref)
 
         for _ in range(MAX_SCORING_PASSES):
             for index in range(chunks):
