@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import io
 import math
 import shutil
 import tarfile
+import tempfile
 
 import bentoml
 import numpy as np
@@ -18,7 +20,9 @@ from batch.shipping import ShippedModel, UnpackedEntry, export_from_store, load_
 from models.predictor import load_predictor
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES, row_values
 from models.store import COMPILED_FILE, ModelLoadError, check_model
-from serving.jobs.csvfile import score_chunk
+from serving.engine import Engine
+from serving.jobs.csvfile import read_chunk, reduce_upload, score_chunk
+from serving.settings import Settings
 
 AGE = "(allowed: an integer in [18, 100])"
 AMOUNT = "(allowed: a number in [0, 1e+07])"
@@ -118,15 +122,31 @@ TEXT_CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def engine(predictor):
+    engine = Engine(predictor, Settings(prediction_log_sink="off"))
+    yield engine
+    engine.shutdown()
+
+
+def jobs_api_chunk(engine: Engine, header: list[str], row: list[str]):
+    """One CSV row as the jobs API scores it: the upload reduced, then its chunk scored."""
+    data = (",".join(header) + "\n" + ",".join(row) + "\n").encode()
+    with tempfile.TemporaryFile() as out:
+        upload = reduce_upload(io.BytesIO(data), 10, 10, out)
+        (chunk,) = [read_chunk(upload.chunk(i)) for i in range(len(upload.chunks))]
+    return score_chunk(engine, chunk, with_id=False, job_ref="test")
+
+
 @pytest.mark.parametrize("cells", TEXT_CASES, ids=[str(c) for c in TEXT_CASES])
-def test_text_cells_get_the_jobs_api_wording(predictor, cells):
+def test_text_cells_get_the_jobs_api_wording(engine, predictor, cells):
     """The same CSV row through the jobs API's chunk scorer and through the Spark job's batch
     scorer: the same messages (in schema order, as /predict lists them), or the same probability."""
     row = {name: str(EXAMPLE_CUSTOMER[name]) for name in FEATURE_NAMES} | cells
     batch = pa.RecordBatch.from_pydict({name: pa.array([row[name]], pa.string()) for name in FEATURE_NAMES})
     out = score_batch(batch, Scoring(predictor, "bank_churn:test", empty="an empty cell")).to_pylist()[0]
     header = list(FEATURE_NAMES)
-    jobs = score_chunk(predictor, header, 1, [["" if row[n] is None else row[n] for n in header]], with_id=False)
+    jobs = jobs_api_chunk(engine, header, ["" if row[n] is None else row[n] for n in header])
     if jobs.failed:
         expected = orjson.loads(b"[" + jobs.errors + b"]")[0]["error"].split("; ")
         assert out["error"] == "; ".join(sorted(expected, key=lambda e: FEATURE_NAMES.index(e.split(":")[0])))
