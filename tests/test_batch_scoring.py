@@ -129,13 +129,14 @@ def engine(predictor):
     engine.shutdown()
 
 
-def jobs_api_chunk(engine: Engine, header: list[str], row: list[str]):
-    """One CSV row as the jobs API scores it: the upload reduced, then its chunk scored."""
-    data = (",".join(header) + "\n" + ",".join(row) + "\n").encode()
+def jobs_api_chunk(engine: Engine, header: list[str], rows: list[list[str]]):
+    """CSV rows (no quoting needed) as the jobs API scores them: the upload reduced, then its one
+    chunk scored."""
+    data = "".join(",".join(line) + "\n" for line in [header, *rows]).encode()
     with tempfile.TemporaryFile() as out:
-        upload = reduce_upload(io.BytesIO(data), 10, 10, out)
+        upload = reduce_upload(io.BytesIO(data), len(rows), len(rows), out)
         (chunk,) = [read_chunk(upload.chunk(i)) for i in range(len(upload.chunks))]
-    return score_chunk(engine, chunk, with_id=False, job_ref="test")
+    return score_chunk(engine, chunk, with_id=upload.has_customer_id, job_ref="test")
 
 
 @pytest.mark.parametrize("cells", TEXT_CASES, ids=[str(c) for c in TEXT_CASES])
@@ -146,7 +147,7 @@ def test_text_cells_get_the_jobs_api_wording(engine, predictor, cells):
     batch = pa.RecordBatch.from_pydict({name: pa.array([row[name]], pa.string()) for name in FEATURE_NAMES})
     out = score_batch(batch, Scoring(predictor, "bank_churn:test", empty="an empty cell")).to_pylist()[0]
     header = list(FEATURE_NAMES)
-    jobs = jobs_api_chunk(engine, header, ["" if row[n] is None else row[n] for n in header])
+    jobs = jobs_api_chunk(engine, header, [["" if row[n] is None else row[n] for n in header]])
     if jobs.failed:
         expected = orjson.loads(b"[" + jobs.errors + b"]")[0]["error"].split("; ")
         assert out["error"] == "; ".join(sorted(expected, key=lambda e: FEATURE_NAMES.index(e.split(":")[0])))

@@ -83,7 +83,9 @@ def test_every_route_logs_its_rows_with_its_request_id(logging_server, trained):
         b"15619304,Onio,do-not-log,502,France,Female,12,8,159660.8,3,1,0,113931.57,1\n"
     )
     job = submit_job(url, upload).json()
-    wait_for_job(url, job["job_id"])
+    # A job's rows are logged under its ref (as in the server's log), never its id: the id is
+    # the key to its results.
+    ref = wait_for_job(url, job["job_id"])["ref"]
     with grpc.insecure_channel(logging_server.grpc_address) as channel:
         answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request([CUSTOMER, older, CUSTOMER]))
     grpc_probabilities = outputs(answer)["churn_probability"]
@@ -96,7 +98,7 @@ def test_every_route_logs_its_rows_with_its_request_id(logging_server, trained):
     grpc_rows = by_id.pop(None)
     assert [(r.route, r.row, r.Age) for r in grpc_rows] == [(V2_GRPC, i, a) for i, a in ((1, 42), (2, 70), (3, 42))]
     assert [r.churn_probability for r in grpc_rows] == grpc_probabilities
-    assert set(by_id) == {"predict", "explained", "batch", "explain", "v2-one", "v2-many", job["job_id"]}
+    assert set(by_id) == {"predict", "explained", "batch", "explain", "v2-one", "v2-many", ref}
     assert [(r.route, r.row) for r in by_id["predict"]] == [("/predict", None)]
     assert by_id["predict"][0].churn_probability == answers["predict"].json()["churn_probability"]
     assert len(by_id["explained"]) == 1, "a /predict with explain logs its row once"
@@ -109,7 +111,7 @@ def test_every_route_logs_its_rows_with_its_request_id(logging_server, trained):
     assert by_id["explain"][0].route == "/explain" and by_id["explain"][0].Age == 70
     assert [r.route for r in by_id["v2-one"] + by_id["v2-many"]] == ["/v2/models/bank_churn/infer"] * 3
     assert [r.row for r in by_id["v2-many"]] == [1, 2]
-    job_rows = by_id[job["job_id"]]
+    job_rows = by_id[ref]
     assert [(r.route, r.row, r.CustomerId, r.request_id) for r in job_rows] == [
         ("/jobs", 1, "15634602", None),
         ("/jobs", 2, "15647311", None),
@@ -214,10 +216,10 @@ def test_two_replicas_records_reach_the_shared_stream(fleet):
         r = httpx.post(f"{replica.url}/predict", json={"customer": CUSTOMER}, headers={REQUEST_ID: f"replica-{slot}"})
         assert r.status_code == 200
     job = submit_job(fleet.url, customers_csv(50)).json()
-    wait_for_job(fleet.url, job["job_id"])
+    ref = wait_for_job(fleet.url, job["job_id"])["ref"]
     records = wait_for_rows(lambda: [stream_rows(fleet, since)], 52)
     assert {r.request_id for r in records} >= {"replica-0", "replica-1"}
-    assert sorted(r.row for r in records if r.job_id == job["job_id"]) == list(range(1, 51))
+    assert sorted(r.row for r in records if r.job_id == ref) == list(range(1, 51))
 
 
 def test_a_sink_outage_fails_and_slows_no_request_and_the_drops_are_counted(fleet):

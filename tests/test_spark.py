@@ -277,7 +277,9 @@ def test_the_pipeline_serves_when_the_compiled_graph_is_off(spark, customers, tr
 
 
 def test_csv_cells_get_the_jobs_api_answers(spark, trained, tmp_path):
-    from serving.jobs.csvfile import score_chunk
+    from serving.engine import Engine
+    from serving.settings import Settings
+    from tests.test_batch_scoring import jobs_api_chunk
 
     header = ["CustomerId", *FEATURE_NAMES]
     lines = [",".join(header)]
@@ -296,7 +298,11 @@ def test_csv_cells_get_the_jobs_api_answers(spark, trained, tmp_path):
     df = read_customers(spark, str(path), "csv")
     got = {r["CustomerId"]: r for r in score(df, str(trained.model.tag), empty="an empty cell").collect()}
     records = [line.split(",") for line in lines[1:]]
-    chunk = score_chunk(load_predictor(trained.model), header, 1, records, with_id=True)
+    engine = Engine(load_predictor(trained.model), Settings(prediction_log_sink="off"))
+    try:
+        chunk = jobs_api_chunk(engine, header, records)
+    finally:
+        engine.shutdown()
     predictions = orjson.loads(b"[" + chunk.predictions + b"]")
     errors = orjson.loads(b"[" + chunk.errors + b"]")
     assert len(got) == len(records) == len(predictions) + len(errors)
