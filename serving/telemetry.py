@@ -37,7 +37,9 @@ BATCH_ROWS = Histogram(
 PREDICTIONS = Counter(f"{PREFIX}_predictions_total", "Customers scored, by decision", ["will_churn"])
 SHED = Counter(f"{PREFIX}_shed_requests_total", "Requests refused because the service was overloaded")
 AUTH_FAILURES = Counter(
-    f"{PREFIX}_auth_failures_total", "Requests refused by API-key checks, by reason: missing, unknown, scope", ["reason"]
+    f"{PREFIX}_auth_failures_total",
+    "Requests refused by API-key checks, by reason: missing, unknown, scope",
+    ["reason"],
 )
 # The hot routes (serving.routes) bypass BentoML's own request metrics; these replace them.
 HTTP_REQUESTS = Counter(

@@ -58,7 +58,17 @@ def test_bento_holds_only_serving_code(bento):
         p.relative_to(ROOT).as_posix() for d in ("models", "serving") for p in (ROOT / d).rglob("*.py")
     }
     assert serving_code <= files, sorted(serving_code - files)
-    forbidden = ("data/", "tests/", "reports/", "training/", "deploy/", ".venv", "__pycache__", "benchmarks/", "harness/")
+    forbidden = (
+        "data/",
+        "tests/",
+        "reports/",
+        "training/",
+        "deploy/",
+        ".venv",
+        "__pycache__",
+        "benchmarks/",
+        "harness/",
+    )
     assert not [f for f in files if f.startswith(forbidden) or "__pycache__" in f], files
 
 
