@@ -62,13 +62,15 @@ class Principal:
 
 class AuthError(Exception):
     """A refused request: `status` 401 (no or unknown key) or 403 (a key without the scope);
-    `reason` labels the failure metric (missing, unknown, scope)."""
+    `reason` labels the failure metric (missing, unknown, scope); `principal` is the key's
+    holder when the key was valid (403), for the access log."""
 
-    def __init__(self, status: int, reason: str, message: str):
+    def __init__(self, status: int, reason: str, message: str, principal: Principal | None = None):
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.principal = principal
 
     @property
     def headers(self) -> dict[str, str]:
@@ -215,7 +217,9 @@ class KeyRing:
         try:
             principal = self.authenticate(key)
             if scope != AUTHENTICATED and not principal.may(scope):
-                raise AuthError(403, "scope", f"the key '{principal.name}' lacks the '{scope}' scope this API needs")
+                raise AuthError(
+                    403, "scope", f"the key '{principal.name}' lacks the '{scope}' scope this API needs", principal
+                )
         except AuthError as exc:
             telemetry.AUTH_FAILURES.labels(exc.reason).inc()
             raise

@@ -1,6 +1,6 @@
 """The engine: the loaded model and what runs it, shared by every edge of the service.
 
-BentoML's APIs, the lean hot routes (serving.routes), the Open Inference Protocol routes
+BentoML's APIs, the lean hot routes (serving.edge), the Open Inference Protocol routes
 and the job workers all score through one Engine per process: one bounded inference pool,
 one micro-batcher for single rows, one explanation pool. Blocking work runs on the pools;
 the async methods here only submit and await.

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from harness.servers import metric
 from models.schema import BY_NAME, EXAMPLE_CUSTOMER, FEATURE_NAMES, NUMERIC_FEATURES, json_customer
 from models.store import MODEL_NAME
-from serving.routes import HttpError
+from serving.edge import HttpError
 from serving.v2 import (
     BYTES,
     FP64,

@@ -1,4 +1,4 @@
-"""The /jobs HTTP edge (a hot route, see serving.routes): submit a CSV, poll, fetch, cancel.
+"""The /jobs HTTP edge (a hot route, see serving.edge): submit a CSV, poll, fetch, cancel.
 
     POST   /jobs                  multipart file=@customers.csv (or a text/csv body) -> 202 {"job_id", "status"}
     GET    /jobs/{job_id}         -> the job's status and progress; 404 for an unknown id
@@ -20,11 +20,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Receive, Scope, Send
 
 from serving.concurrency import Overloaded
+from serving.edge import HttpError, media_type, overloaded, read_body, send_json
 from serving.jobs.csvfile import CsvRejected
 from serving.jobs.manager import JobManager, public
 from serving.jobs.store import ID_LENGTH, STATUSES, StoreUnavailable, is_job_id
-from serving.online import overloaded
-from serving.routes import HttpError, media_type, read_body, send_json
 
 PREFIX = "/jobs"
 FILE_FIELD = "file"

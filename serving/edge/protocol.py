@@ -1,0 +1,145 @@
+"""The HTTP server's side of the edge: a request's headers are bounded in size and in time.
+
+BentoML's worker runs uvicorn with `http="auto"`, which is httptools here; uvicorn's httptools
+protocol has no header limit (httptools grows a header by concatenation, so a 16 MiB header
+costs quadratic time on the event loop) and no header timeout (a connection that never ends
+its headers is held for ever, and a new one that sends nothing at all too). This subclass adds
+both, at the byte level, before anything is parsed:
+
+- at most `max_header_bytes` of request line and headers: the bytes are counted as they
+  arrive, and the parser is never fed past the limit while a request's headers are still
+  open; past it the answer is 431 and the connection is closed;
+- at most `header_timeout_s` from a new connection, or from the first byte of the next
+  request on a kept-alive one, to the end of the headers; then 408 (if a byte arrived) and
+  the connection is closed. Idle keep-alive between requests stays uvicorn's
+  `timeout_keep_alive`.
+
+The timer is armed only for a connection whose headers did not all arrive in one read, so a
+request that arrives whole (nearly all of them) costs two attribute checks.
+
+`install()` makes it uvicorn's "auto" protocol. The worker builds its `uvicorn.Config` after
+it has imported service.py, which calls install(), so the worker serves with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from serving import telemetry
+
+logger = logging.getLogger("bentoml.service.bank_churn.edge")
+
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+# What this module relies on in uvicorn's class; checked by install().
+_HOOKS = ("connection_made", "connection_lost", "data_received", "on_headers_complete", "on_message_complete")
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header size limit and a header timeout."""
+
+    max_header_bytes = DEFAULT_MAX_HEADER_BYTES
+    header_timeout_s = DEFAULT_HEADER_TIMEOUT_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # the bytes arriving now belong to a request's line and headers
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            room = self.max_header_bytes - self._head_bytes
+            if len(data) > room:
+                # Feed only what the limit allows: if the headers do not end within it, the
+                # rest is never parsed.
+                super().data_received(data[:room])
+                if self._in_head:
+                    self._head_too_large()
+                    return
+                data = data[room:]
+                if self.transport.is_closing():
+                    return
+            else:
+                self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_timer is None and self._head_bytes and not self.transport.is_closing():
+            # The next request on a kept-alive connection has begun but its headers have not ended.
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        # Whatever arrives next is the next request's head (bytes already read in the same
+        # chunk are not counted: at most one read of the socket more than the limit).
+        self._in_head = True
+        self._head_bytes = 0
+        super().on_message_complete()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_large(self) -> None:
+        if self.transport.is_closing():  # the parser refused it already (400)
+            return
+        telemetry.count_header_refusal("too_large")
+        self._refuse(431, f"request line and headers larger than {self.max_header_bytes} bytes")
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        telemetry.count_header_refusal("timeout")
+        if self._head_bytes:
+            self._refuse(408, f"request headers not complete within {self.header_timeout_s:g} seconds")
+        else:  # a connection that never sent a byte gets no answer, as an idle keep-alive one
+            self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        body = b'{"error": "' + message.encode() + b'"}'
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+def install(
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+) -> bool:
+    """Make BoundedHttpToolsProtocol uvicorn's "auto" and "httptools" protocol, with these
+    limits. False (and a warning) if uvicorn's class no longer has what it overrides."""
+    import uvicorn.config
+
+    missing = [name for name in _HOOKS if not callable(getattr(HttpToolsProtocol, name, None))]
+    if missing:
+        logger.warning("request-header limits are off: uvicorn's HttpToolsProtocol has no %s", ", ".join(missing))
+        return False
+    BoundedHttpToolsProtocol.max_header_bytes = max_header_bytes
+    BoundedHttpToolsProtocol.header_timeout_s = header_timeout_s
+    target = f"{__name__}:{BoundedHttpToolsProtocol.__name__}"
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = target
+    uvicorn.config.HTTP_PROTOCOLS["httptools"] = target
+    return True
