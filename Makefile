@@ -91,10 +91,10 @@ format: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-checkov .venv-clients .pytest_cache .ruff_cache build
 
-## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs.
+## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs, the cost of API keys and header limits, header attacks.
 bench: $(VENV)/.installed system-packages
 	$(PY) -m training --if-missing
-	@failed=""; for b in inprocess http profile startup jobs; do \
+	@failed=""; for b in inprocess http profile startup jobs security; do \
 	  echo "== python -m benchmarks.$$b"; $(PY) -m benchmarks.$$b || failed="$$failed $$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "benchmarks with a FAIL verdict or an error:$$failed"; exit 1; fi

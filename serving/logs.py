@@ -70,14 +70,16 @@ def _validation_error(exc: Any) -> Any:
 
 
 def describe_invalid(exc: Any, limit: int = 5) -> str:
-    """'2 validation errors (customer.Age: less_than_equal; customer.Ages: extra_forbidden)':
-    locations and rule names only. A location is the schema's path, but an unknown field's
-    name is the client's own text: it is cut short and escaped."""
+    """'2 validation errors (customer.Age: less_than_equal; customer.?: extra_forbidden)':
+    locations and rule names only. A location is the schema's path, except an unknown
+    field's name, which is the client's own text (it could be anything): shown as '?'."""
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
     parts = []
     for err in errors[:limit]:
-        loc = ".".join(escape_controls(str(p))[:40] for p in err.get("loc", ())) or "body"
-        parts.append(f"{loc}: {err.get('type', 'invalid')}")
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc and err.get("type") == "extra_forbidden":
+            loc[-1] = "?"
+        parts.append(f"{escape_controls('.'.join(loc))[:120] or 'body'}: {err.get('type', 'invalid')}")
     more = f"; and {len(errors) - limit} more" if len(errors) > limit else ""
     count = f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}"
     return f"{count} ({'; '.join(parts)}{more}); input values not logged"
@@ -125,13 +127,14 @@ _FILTER = SafeLogFilter()
 
 
 def install() -> int:
-    """Put the filter on every handler of every configured logger (once each); returns how
-    many handlers have it."""
+    """Put the filter first on every handler of every configured logger (once each); returns
+    how many handlers have it."""
     handlers = set(logging.root.handlers)
     for logger in list(logging.Logger.manager.loggerDict.values()):
         if isinstance(logger, logging.Logger):
             handlers.update(logger.handlers)
     for handler in handlers:
         if _FILTER not in handler.filters:
-            handler.addFilter(_FILTER)
+            # first: BentoML's own filter formats the level into its line prefix
+            handler.filters.insert(0, _FILTER)
     return len(handlers)

@@ -1,0 +1,258 @@
+"""Security benchmark: what the edge's protections cost on /predict, and how it holds under
+header attacks.
+
+    python -m benchmarks.security            # or: make bench
+    python -m benchmarks.security --duration 5 --rounds 3 --slow-connections 3000
+
+Three `bentoml serve` of this service, all pinned to CPU 0 (one core, like a 1000m pod) and
+loaded one at a time by wrk pinned to CPU 1, with the same 200 real customers:
+
+- plain-http: authentication off, uvicorn's stock httptools protocol (no header limits): the
+  service before this benchmark's protections;
+- auth-off: as shipped without a keys file (the header limits on);
+- auth-on: as shipped with a keys file of --keys keys, every request sending
+  `Authorization: Bearer <key>`.
+
+The cells are measured alternately, --rounds times each (the machine's speed drifts over
+minutes), the median kept: the ratios auth-on ÷ auth-off (the cost of the key check; target
+>= 0.97) and auth-off ÷ plain-http (the cost of the header limits) are what count.
+
+Then, on auth-on with the default BANKCHURN_HEADER_TIMEOUT_S (10 s): a 16 MiB header block
+(answer, bytes taken in, time), and --slow-connections connections that start a request and
+send a header byte every second (slowloris), while /predict is called in a loop: the time
+until the server has closed them all, and /predict's answers meanwhile.
+Writes reports/bench/security.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.http import bodies_for, commit, machine, run_wrk
+from harness.servers import ROOT, ServeProcess
+from harness.slowloris import big_header, raise_open_files_limit, slow_headers
+from serving.keys import key_line, new_key
+
+SERVERS = {
+    "plain-http": ("benchmarks.plain_http_service:BankChurn", False, "auth off, uvicorn's stock protocol"),
+    "auth-off": ("service:BankChurn", False, "as shipped, no keys file"),
+    "auth-on": ("service:BankChurn", True, "as shipped, keys file, Bearer key on every request"),
+}
+TARGET_AUTH_RATIO = 0.97
+
+LUA = r"""
+local bodies = {%(bodies)s}
+local headers = {["Content-Type"] = "application/json"%(auth)s}
+local i = 0
+request = function()
+  i = i %% #bodies + 1
+  return wrk.format("POST", "/predict", headers, bodies[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d %%d %%f %%f %%f\n", summary.requests, summary.duration,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def keys_file(count: int) -> tuple[Path, str]:
+    """A keys file of `count` keys (the last one's key returned): the check compares every one."""
+    keys = [new_key() for _ in range(count)]
+    path = Path(tempfile.mkdtemp(prefix="bench-keys-")) / "api-keys"
+    path.write_text("\n".join(key_line(f"client-{i}", ["predict"], k) for i, k in enumerate(keys)) + "\n")
+    return path, keys[-1]
+
+
+def script(key: str | None, payloads: int) -> Path:
+    bodies = ",\n".join(json.dumps(b) for b in bodies_for("predict", payloads))
+    auth = f', ["Authorization"] = "Bearer {key}"' if key else ""
+    path = Path(tempfile.mkdtemp(prefix="bench-")) / f"predict-{'key' if key else 'open'}.lua"
+    path.write_text(LUA % {"bodies": bodies, "auth": auth})
+    return path
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10, help="seconds per wrk cell")
+    p.add_argument("--connections", default="50", help="wrk connections per cell, comma-separated")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the three servers")
+    p.add_argument("--keys", type=int, default=20, help="keys in the keys file")
+    p.add_argument("--slow-connections", type=int, default=3000)
+    p.add_argument("--payloads", type=int, default=200)
+    p.add_argument("--no-pin", dest="pin", action="store_false")
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
+    a = p.parse_args(argv)
+    if shutil.which("wrk") is None:
+        p.error("wrk is not installed: apt-get install wrk")
+    a.pin = a.pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    limit = raise_open_files_limit(a.slow_connections * 2 + 1000)
+    levels = [int(c) for c in a.connections.split(",")]
+    path, key = keys_file(a.keys)
+    scripts = {False: script(None, a.payloads), True: script(key, a.payloads)}
+    meta = {
+        "machine": machine(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "pinned": a.pin,
+        "duration": a.duration,
+        "rounds": a.rounds,
+        "keys": a.keys,
+        "command": "python -m benchmarks.security " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(meta["machine"], "| commit", meta["commit"])
+    cpu = "1" if a.pin else None
+    servers: dict[str, ServeProcess] = {}
+    cells: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in levels} for name in SERVERS}
+    attacks: dict = {}
+    try:
+        for name, (target, auth, _) in SERVERS.items():
+            env = {"BANKCHURN_API_KEYS_FILE": str(path)} if auth else {}
+            servers[name] = ServeProcess(target=target, env=env, prefix=("taskset", "-c", "0") if a.pin else ())
+            servers[name].start()
+        for name, server in servers.items():
+            server.wait_ready(120)
+            run_wrk(server.url, scripts[SERVERS[name][1]], 10, 3, cpu)  # warm-up, not recorded
+        for r in range(a.rounds):
+            order = list(SERVERS) if r % 2 == 0 else list(reversed(SERVERS))  # no server always first
+            for c in levels:
+                for name in order:
+                    cell = run_wrk(servers[name].url, scripts[SERVERS[name][1]], c, a.duration, cpu)
+                    cells[name][c].append(cell)
+                    print(
+                        f"  round {r + 1} {name:<10} c={c:<3} {cell['rps']:8.1f} req/s  p50 {cell['p50_ms']:6.1f} ms  "
+                        f"p99 {cell['p99_ms']:6.1f} ms  errors {cell['errors']}",
+                        flush=True,
+                    )
+        guarded = servers["auth-on"]
+        for name in ("plain-http", "auth-off"):  # the attacks run alone on the machine
+            servers.pop(name).stop()
+        attack = big_header(guarded.port)
+        attacks["big_header"] = {
+            "answer": attack.status_line.decode("latin-1"),
+            "taken_in_bytes": attack.sent_bytes,
+            "seconds": attack.seconds,
+        }
+        print(f"16 MiB header: {attack.status_line!r} after {attack.seconds * 1000:.0f} ms")
+        with httpx.Client(base_url=guarded.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+            body = json.loads(bodies_for("predict", 1)[0])
+            slow = slow_headers(
+                guarded.port,
+                a.slow_connections,
+                give_up_s=120,
+                probe=lambda: client.post("/predict", json=body).status_code,
+            )
+        print(slow.summary())
+        latencies = sorted(t for _, t in slow.answers)
+        attacks["slow_headers"] = {
+            "connections": slow.connections,
+            "header_timeout_s": 10.0,
+            "open_files_limit": limit,
+            "opening_s": slow.opening_s,
+            "closed": slow.closed,
+            "all_closed_s": slow.all_closed_s,
+            "lifetime_s": {
+                "min": slow.lifetimes_s[0] if slow.lifetimes_s else None,
+                "median": slow.lifetimes_s[len(slow.lifetimes_s) // 2] if slow.lifetimes_s else None,
+                "max": slow.lifetimes_s[-1] if slow.lifetimes_s else None,
+            },
+            "predict_answers": len(slow.answers),
+            "predict_statuses": sorted({s for s, _ in slow.answers}),
+            "predict_median_ms": latencies[len(latencies) // 2] * 1000 if latencies else None,
+            "predict_max_ms": latencies[-1] * 1000 if latencies else None,
+        }
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    summary = {
+        name: {c: {"rps": median([x["rps"] for x in cs]), "rounds": [x["rps"] for x in cs]} for c, cs in by.items()}
+        for name, by in cells.items()
+    }
+    ratios = []
+    for c in levels:
+        # ratio per round (the two cells of a round are minutes apart at most), then the median
+        auth = median(
+            [on["rps"] / off["rps"] for on, off in zip(cells["auth-on"][c], cells["auth-off"][c], strict=True)]
+        )
+        limits = median(
+            [off["rps"] / plain["rps"] for off, plain in zip(cells["auth-off"][c], cells["plain-http"][c], strict=True)]
+        )
+        ratios += [
+            ("auth-on ÷ auth-off (the key check)", c, auth),
+            ("auth-off ÷ plain-http (header limits)", c, limits),
+        ]
+    verdicts = [
+        f"{'PASS' if r >= TARGET_AUTH_RATIO else 'FAIL'} /predict req/s with a key ÷ without, {c} connections: "
+        f"{r:.3f} (target >= {TARGET_AUTH_RATIO})"
+        for what, c, r in ratios
+        if what.startswith("auth-on")
+    ]
+    slow = attacks["slow_headers"]
+    verdicts.append(
+        f"{'PASS' if slow['closed'] == slow['connections'] and slow['predict_statuses'] == [200] else 'FAIL'} "
+        f"{slow['closed']} of {slow['connections']} slow-header connections closed by the server; "
+        f"/predict answered {slow['predict_statuses']} meanwhile"
+    )
+    lines = [
+        f"Machine: {meta['machine']}; commit {meta['commit']}; {meta['date']}; server pinned to 1 core: "
+        f"{meta['pinned']}; wrk 1 thread, {meta['duration']} s per cell, {meta['rounds']} alternating rounds "
+        f"(median); {meta['keys']} keys in the file.",
+        f"Command: `{meta['command']}`",
+        "",
+        "| server | conns | req/s (median) | rounds |",
+        "|---|---:|---:|---|",
+    ]
+    for name, by in summary.items():
+        for c, s in by.items():
+            lines.append(
+                f"| {name} ({SERVERS[name][2]}) | {c} | {s['rps']:.0f} | {', '.join(f'{x:.0f}' for x in s['rounds'])} |"
+            )
+    lines += ["", "| ratio (median of the rounds' ratios) | conns | value |", "|---|---:|---:|"]
+    lines += [f"| {what} | {c} | {r:.3f} |" for what, c, r in ratios]
+    big = attacks["big_header"]
+    lines += [
+        "",
+        f"16 MiB header block: `{big['answer'] or '(closed)'}` after {big['seconds'] * 1000:.0f} ms, "
+        f"{big['taken_in_bytes'] // 1024} KiB sent before the server answered.",
+        "",
+        f"Slowloris, header timeout 10 s (the default): {slow['connections']} connections opened in "
+        f"{slow['opening_s']:.2f} s, each sending a header byte a second; {slow['closed']} closed by the server, "
+        f"the last {slow['all_closed_s']:.1f} s after the first was opened; lifetimes min "
+        f"{slow['lifetime_s']['min']:.1f} / median {slow['lifetime_s']['median']:.1f} / max "
+        f"{slow['lifetime_s']['max']:.1f} s. /predict meanwhile: {slow['predict_answers']} answers "
+        f"{slow['predict_statuses']}, median {slow['predict_median_ms']:.0f} ms, slowest {slow['predict_max_ms']:.0f} ms."
+        if slow["all_closed_s"]
+        else f"Slowloris: only {slow['closed']} of {slow['connections']} connections closed within 120 s.",
+        "",
+        *(f"- {v}" for v in verdicts),
+    ]
+    table = "\n".join(lines)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "security.md").write_text(table + "\n")
+    (a.out / "security.json").write_text(
+        json.dumps({"meta": meta, "cells": cells, "ratios": ratios, "attacks": attacks}, indent=2)
+    )
+    print()
+    print(table)
+    print(f"\nwrote {a.out / 'security.md'}, security.json")
+    return 0 if all(v.startswith("PASS") for v in verdicts) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
