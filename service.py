@@ -30,9 +30,7 @@ from serving.settings import Settings
 logger = logging.getLogger("bentoml.service.bank_churn")
 settings = Settings()
 # Log lines never carry a customer's values or a secret (serving.logs).
-for _secret in settings.secret_values():
-    logs.register_secret(_secret)
-logs.install()
+logs.install(secrets=settings.secret_values())
 # The model and the API keys are resolved and checked when this module is imported, on
 # purpose: the `bentoml serve` arbiter imports it too, so a missing, corrupt or mismatched
 # model, or a keys file that is set but missing or invalid, stops start-up at once with a

@@ -20,7 +20,6 @@ erase). Nothing is implied by another scope but `admin`, which includes `jobs`.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import re
@@ -142,7 +141,7 @@ class KeyRing:
         self.path = Path(path)
         self.reload_check_s = reload_check_s
         self._lock = threading.Lock()
-        self._keys: tuple[tuple[bytes, Principal], ...] = ()
+        self._keys: dict[bytes, Principal] = {}  # SHA-256 digest of a key -> its holder
         self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._load(initial=True)
@@ -175,7 +174,7 @@ class KeyRing:
             return
         if not keys and initial:
             raise KeyFileError(f"{KEYS_FILE_ENV}={self.path} holds no key: every request would be refused")
-        self._keys = tuple((bytes.fromhex(h), p) for h, p in keys.items())
+        self._keys = {bytes.fromhex(h): p for h, p in keys.items()}
         if not initial:
             logger.warning("API keys reloaded from %s: %d keys (%s)", self.path, len(keys), _names(self._keys))
         self._stamp = stamp
@@ -197,16 +196,18 @@ class KeyRing:
                 self._load()
 
     def authenticate(self, key: str | None) -> Principal:
-        """The principal of a presented key. Every stored digest is compared in constant time,
-        so the time taken says nothing about which key (or how much of one) matched."""
+        """The principal of a presented key, found by the key's SHA-256 in the table of stored
+        digests: one hash and one lookup, whatever the number of keys. No presented key is ever
+        compared with a stored one. All the lookup's time could reveal is how many leading bytes
+        of the presented key's digest equal a stored digest's (a dict compares hashes, then
+        bytes), and a client cannot steer a digest's bytes without SHA-256 preimages, so it says
+        nothing about any stored key: as safe as a constant-time comparison of every digest,
+        which cost ~0.13 us per key on every request."""
         if key is None:
             raise AuthError(401, "missing", "this API needs a key: Authorization: Bearer <key> or X-API-Key: <key>")
         self.refresh()
         presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for stored, principal in self._keys:
-            if hmac.compare_digest(stored, presented) and found is None:
-                found = principal
+        found = self._keys.get(presented)
         if found is None:
             raise AuthError(401, "unknown", "unknown API key")
         return found
@@ -226,8 +227,8 @@ class KeyRing:
         return principal
 
 
-def _names(keys: tuple[tuple[bytes, Principal], ...]) -> str:
-    return ", ".join(sorted(p.name for _, p in keys)) or "none"
+def _names(keys: dict[bytes, Principal]) -> str:
+    return ", ".join(sorted(p.name for p in keys.values())) or "none"
 
 
 def load_keyring(path: str | os.PathLike | None) -> KeyRing | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote
 
@@ -126,9 +127,11 @@ class SafeLogFilter(logging.Filter):
 _FILTER = SafeLogFilter()
 
 
-def install() -> int:
-    """Put the filter first on every handler of every configured logger (once each); returns
-    how many handlers have it."""
+def install(secrets: Iterable[str] = ()) -> int:
+    """Mask `secrets` from now on, and put the filter first on every handler of every
+    configured logger (once each); returns how many handlers have it."""
+    for secret in secrets:
+        register_secret(secret)
     handlers = set(logging.root.handlers)
     for logger in list(logging.Logger.manager.loggerDict.values()):
         if isinstance(logger, logging.Logger):
