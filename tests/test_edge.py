@@ -145,9 +145,21 @@ def connect(port: int):
             [200, 200],
         ),
         (
-            "second-request-over-the-limit",
-            lambda: [request("/a"), request("/b", b"x-pad: " + b"a" * LIMIT)],
+            "second-request-over-the-limit",  # sent apart, but they may arrive in one read
+            lambda: [request("/a"), request("/b", b"x-pad: " + b"a" * (2 * LIMIT))],
             [200, 431],
+        ),
+        (
+            # a head that began in the same read as the end of the request before it is counted
+            # from the next read: refused by 2x the limit at most, never below the limit
+            "second-request-far-over-the-limit-in-the-same-read",
+            lambda: [request("/a") + request("/b", b"x-pad: " + b"a" * (2 * LIMIT))],
+            [200, 431],
+        ),
+        (
+            "pipelined-head-across-the-first-slice",  # 1 KiB + a 3.9 KiB head: 4.9 KiB in one read
+            lambda: [request("/a", body=b"b" * 900) + request("/b", b"x-pad: " + b"a" * (LIMIT - 200))],
+            [200, 200],
         ),
     ],
 )

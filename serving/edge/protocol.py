@@ -7,12 +7,17 @@ its headers is held for ever, and a new one that sends nothing at all too). This
 both, at the byte level, before anything is parsed:
 
 - at most `max_header_bytes` of request line and headers: the bytes are counted as they
-  arrive, and the parser is never fed past the limit while a request's headers are still
-  open; past it the answer is 431 and the connection is closed;
+  arrive, and the parser is never fed more than the limit while a request's headers are
+  still open; past it the answer is 431 and the connection is closed. (A head that begins in
+  the same read as the end of the request before it is counted from the next read: such a
+  pipelined head is refused by twice the limit at most; no head is refused below it.)
 - at most `header_timeout_s` from a new connection, or from the first byte of the next
   request on a kept-alive one, to the end of the headers; then 408 (if a byte arrived) and
   the connection is closed. Idle keep-alive between requests stays uvicorn's
   `timeout_keep_alive`.
+
+A refusal waits for the answers to requests read before it on the same connection
+(pipelining), so that answers stay in order; nothing more is parsed meanwhile.
 
 The timer is armed only for a connection whose headers did not all arrive in one read, so a
 request that arrives whole (nearly all of them) costs two attribute checks.
@@ -36,7 +41,15 @@ logger = logging.getLogger("bentoml.service.bank_churn.edge")
 DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 # What this module relies on in uvicorn's class; checked by install().
-_HOOKS = ("connection_made", "connection_lost", "data_received", "on_headers_complete", "on_message_complete")
+_HOOKS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "on_headers_complete",
+    "on_message_complete",
+    "on_response_complete",
+    "_unset_keepalive_if_required",
+)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -50,6 +63,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # the bytes arriving now belong to a request's line and headers
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._completed = 0  # requests read whole on this connection
+        self._refusal: tuple[int | None, str] | None = None  # (status or None: just close, message)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -60,20 +75,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._in_head:
+        if self._refusal is not None:
+            return  # being refused: nothing more is parsed
+        while self._in_head and len(data) > self.max_header_bytes - self._head_bytes:
+            # Feed only what the limit allows: if the headers do not end within it, the rest is
+            # never parsed.
             room = self.max_header_bytes - self._head_bytes
-            if len(data) > room:
-                # Feed only what the limit allows: if the headers do not end within it, the
-                # rest is never parsed.
-                super().data_received(data[:room])
-                if self._in_head:
-                    self._head_too_large()
-                    return
-                data = data[room:]
-                if self.transport.is_closing():
-                    return
-            else:
-                self._head_bytes += len(data)
+            completed = self._completed
+            super().data_received(data[:room])
+            data = data[room:]
+            if self._refusal is not None or self.transport.is_closing():
+                return
+            if self._in_head and self._completed == completed:  # one head took all of it
+                self._refuse(431, "too_large", f"request line and headers larger than {self.max_header_bytes} bytes")
+                return
+            # The headers ended within it, or a request ended in it and the next one began (that
+            # one's share of the bytes is not counted: a head is never refused below the limit).
+        if self._in_head:
+            self._head_bytes += len(data)
         super().data_received(data)
         if self._in_head and self._head_timer is None and self._head_bytes and not self.transport.is_closing():
             # The next request on a kept-alive connection has begun but its headers have not ended.
@@ -89,40 +108,51 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # chunk are not counted: at most one read of the socket more than the limit).
         self._in_head = True
         self._head_bytes = 0
+        self._completed += 1
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refusal is not None and not self._answering():
+            self._send_refusal()
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _head_too_large(self) -> None:
-        if self.transport.is_closing():  # the parser refused it already (400)
-            return
-        telemetry.count_header_refusal("too_large")
-        self._refuse(431, f"request line and headers larger than {self.max_header_bytes} bytes")
-
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if not self._in_head or self.transport.is_closing():
-            return
-        telemetry.count_header_refusal("timeout")
-        if self._head_bytes:
-            self._refuse(408, f"request headers not complete within {self.header_timeout_s:g} seconds")
-        else:  # a connection that never sent a byte gets no answer, as an idle keep-alive one
-            self.transport.close()
+        if self._in_head and self._refusal is None and not self.transport.is_closing():
+            # A connection that never sent a byte gets no answer, as an idle keep-alive one.
+            status = 408 if self._head_bytes else None
+            self._refuse(status, "timeout", f"request headers not complete within {self.header_timeout_s:g} seconds")
 
-    def _refuse(self, status: int, message: str) -> None:
-        body = b'{"error": "' + message.encode() + b'"}'
-        head = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            head += [name, b": ", value, b"\r\n"]
-        head += [
-            b"content-type: application/json\r\n",
-            b"content-length: " + str(len(body)).encode() + b"\r\n",
-            b"connection: close\r\n\r\n",
-        ]
-        self.transport.write(b"".join(head) + body)
+    def _answering(self) -> bool:
+        """Whether requests read before this one are still being answered (pipelining)."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def _refuse(self, status: int | None, reason: str, message: str) -> None:
+        telemetry.count_header_refusal(reason)
+        self._refusal = (status, message)
+        self._stop_head_timer()
+        if not self._answering():  # else once the requests before it are answered, in order
+            self._send_refusal()
+
+    def _send_refusal(self) -> None:
+        status, message = self._refusal
+        self._unset_keepalive_if_required()
+        if status is not None and not self.transport.is_closing():
+            body = b'{"error": "' + message.encode() + b'"}'
+            head = [STATUS_LINE[status]]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head += [
+                b"content-type: application/json\r\n",
+                b"content-length: " + str(len(body)).encode() + b"\r\n",
+                b"connection: close\r\n\r\n",
+            ]
+            self.transport.write(b"".join(head) + body)
         self.transport.close()
 
 
