@@ -224,6 +224,42 @@ def test_bentomls_python_client_sends_its_token(guarded, keys):
         c.predict(customer=EXAMPLE_CUSTOMER)
 
 
+TRITON = """
+import json, sys
+import numpy as np
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+url, key, customer = json.loads(sys.stdin.read())
+client = httpclient.InferenceServerClient(url=url.removeprefix("http://"))
+inputs = []
+for name, value in customer.items():
+    array = np.array([value], dtype=np.object_ if isinstance(value, str) else None)
+    datatype = "BYTES" if isinstance(value, str) else "FP64" if isinstance(value, float) else "INT64"
+    tensor = httpclient.InferInput(name, [1], datatype)
+    tensor.set_data_from_numpy(array, binary_data=False)
+    inputs.append(tensor)
+seen = {"ready": client.is_server_ready()}
+result = client.infer("bank_churn", inputs, headers={"Authorization": f"Bearer {key}"})
+seen["probability"] = float(result.as_numpy("churn_probability")[0])
+try:
+    client.infer("bank_churn", inputs)
+except InferenceServerException as exc:
+    seen["without_key"] = exc.status()
+print(json.dumps(seen))
+"""
+
+
+def test_tritonclient_sends_the_key_in_its_headers(guarded, keys):
+    plan = json.dumps([guarded.url, keys.crm, EXAMPLE_CUSTOMER])
+    out = subprocess.run(
+        [str(ROOT / ".venv-clients" / "bin" / "python"), "-c", TRITON], input=plan, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["ready"] is True and 0 <= seen["probability"] <= 1 and seen["without_key"] == "401"
+
+
 def test_the_client_example_runs_with_a_token(guarded, keys):
     proc = subprocess.run(
         [sys.executable, "examples/client.py", "--url", guarded.url, "--token", keys.crm],
