@@ -8,7 +8,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages lock serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
+.PHONY: install system-packages lock protos serve train test test-fast lint format bench load-smoke load load-stress image image-full image-tools clean
 
 # Installed from uv.lock exactly (--frozen: a lock that disagrees with pyproject.toml is an
 # error, not a silent re-resolve): serving, training (all extras) and the dev group.
@@ -28,6 +28,11 @@ lock: $(VENV)/.installed
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header -o requirements/serve.txt
 	$(UV) export --quiet --frozen --no-dev --no-emit-project --no-hashes --no-header --extra sklearn -o requirements/full.txt
 	$(UV) pip compile --quiet --python-version 3.11 requirements/clients.in -o requirements/clients.txt
+
+## The gRPC modules of serving/v2 from its .proto (committed; tests/test_v2_grpc.py checks they are up to date).
+PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=.
+protos: $(VENV)/.installed
+	$(PROTOC) serving/v2/grpc_predict_v2.proto
 
 .venv-checkov/.installed:
 	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov

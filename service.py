@@ -124,9 +124,10 @@ class BankChurn:
         # Imported here, in the worker: the arbiter imports this module only to check the model
         # (above), and NumPy would add ~170 modules and ~0.3 s to the start of every pod.
         from models.predictor import load_predictor
+        from serving.batch import PredictBatchRoute
         from serving.jobs.manager import JobManager
         from serving.jobs.routes import JobRoutes
-        from serving.v2 import OpenInferenceApp
+        from serving.v2.rest import OpenInferenceApp
 
         self.predictor = load_predictor(STORED_MODEL, settings.use_compiled, settings.runtime_threads)
         self.engine = Engine(self.predictor, settings)
@@ -134,9 +135,30 @@ class BankChurn:
         HOT_ROUTES.configure(settings.request_timeout_s, settings.access_log)
         if settings.predict_route == "hot":
             HOT_ROUTES.route("POST", "/predict", PredictRoute(self.engine, PredictInput, settings.max_body_bytes))
+            HOT_ROUTES.route(
+                "POST",
+                "/predict_batch",
+                PredictBatchRoute(self.engine, BatchInput, settings.max_body_bytes, settings.max_batch_rows),
+            )
         # The Open Inference Protocol (KServe V2); its health and readiness follow self.ready.
         v2 = OpenInferenceApp(self.engine, lambda: self.ready, settings.max_body_bytes, settings.max_batch_rows)
         HOT_ROUTES.mount("/v2", v2)
+        # The same protocol over gRPC on BANKCHURN_GRPC_PORT, started on this worker's loop (below).
+        self.grpc = None
+        if settings.grpc_port:
+            from serving.v2.grpc import GrpcServer, InferenceServicer
+
+            servicer = InferenceServicer(
+                self.engine,
+                lambda: self.ready,
+                settings.max_batch_rows,
+                settings.request_timeout_s,
+                v2.server_version,
+                KEYRING,  # the same keys as the HTTP edge
+            )
+            self.grpc = GrpcServer(
+                servicer, settings.grpc_host, settings.grpc_port, settings.max_body_bytes, 2 * settings.max_queue
+            )
         # Scoring jobs: in Redis when BANKCHURN_REDIS_URL is set (any replica answers for any
         # job), else in this process; run by BANKCHURN_JOB_WORKERS workers here.
         self.jobs = JobManager(self.engine, settings)
@@ -169,15 +191,23 @@ class BankChurn:
     async def _start_jobs(self) -> None:
         await self.jobs.start()  # the job workers run on this worker's event loop
 
+    @bentoml.on_startup
+    async def _start_grpc(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.start()
+
     @bentoml.on_shutdown
     async def _shutdown(self) -> None:
         self.ready = False
+        if self.grpc is not None:  # calls in flight get the request timeout to finish
+            await self.grpc.stop(settings.request_timeout_s)
         await self.jobs.stop()  # a running job goes back to the queue, resumed by another worker
         self.engine.shutdown()
 
     # ------------------------------------------------------------------ APIs
-    # Over HTTP, POST /predict is answered by the hot route in front of BentoML (serving.online)
-    # with this same request model; this method serves in-process calls and documents the API.
+    # Over HTTP, POST /predict and /predict_batch are answered by hot routes in front of BentoML
+    # (serving.online, serving.batch) with these same request models; these methods serve
+    # in-process calls and document the APIs.
 
     @bentoml.api(input_spec=PredictInput)
     async def predict(self, customer: Customer, explain: bool = False) -> Prediction:  # type: ignore[valid-type]

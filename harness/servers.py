@@ -58,6 +58,12 @@ class ServeProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
+        # the service's gRPC port (BANKCHURN_GRPC_PORT): a free one too, unless the caller gives one
+        if "BANKCHURN_GRPC_PORT" not in (env or {}):
+            self.env["BANKCHURN_GRPC_PORT"] = str(free_port())
+        self.env.setdefault("BANKCHURN_GRPC_HOST", "127.0.0.1")
+        self.grpc_port = int(self.env["BANKCHURN_GRPC_PORT"])
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own
         self.proc: subprocess.Popen | None = None
         home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))

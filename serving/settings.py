@@ -63,6 +63,14 @@ class Settings(BaseSettings):
         pattern=r"^(errors|all|off|0(\.\d+)?|1(\.0+)?)$",
         description="access log of every route: errors (status >= 400), all, off, or a sampling rate such as 0.01",
     )
+    grpc_port: int = Field(
+        3001,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol over gRPC (inference.GRPCInferenceService, "
+        "grpc.health.v1), served by the worker beside HTTP; 0 turns it off",
+    )
+    grpc_host: str = Field("0.0.0.0", description="address the gRPC server binds ([::] for IPv6 too)")
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="where tracing spans go")
     api_keys_file: Path | None = Field(
         None,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:  # imported by the `bentoml serve` arbiter too, which never sees an array
     import numpy as np
@@ -53,10 +53,27 @@ HTTP_REQUESTS = Counter(
     "Requests answered by the hot routes or refused by the edge",
     ["route", "method", "status"],
 )
+HTTP_IN_PROGRESS = Gauge(
+    f"{PREFIX}_http_requests_in_progress",
+    "Requests the hot routes are answering now",
+    ["route", "method"],
+    multiprocess_mode="livesum",
+)
 HTTP_SECONDS = Histogram(
     f"{PREFIX}_http_request_duration_seconds",
     "Time from request arrival to the last byte of the answer, hot routes",
     ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+# The same for gRPC (serving.v2.grpc), a parallel series in the standard gRPC terms: the full
+# method name and the status code name (OK, INVALID_ARGUMENT, UNAVAILABLE, ...).
+GRPC_REQUESTS = Counter(
+    f"{PREFIX}_grpc_requests_total", "gRPC calls answered, by method and status code", ["method", "code"]
+)
+GRPC_SECONDS = Histogram(
+    f"{PREFIX}_grpc_request_duration_seconds",
+    "Time from a gRPC call's arrival to its answer",
+    ["method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
@@ -154,6 +171,11 @@ def record_request(route: str, method: str, status: int, seconds: float) -> None
 
 def count_header_refusal(reason: str) -> None:
     _child(HEADER_REFUSALS, reason).inc()
+
+
+def record_grpc(method: str, code: str, seconds: float) -> None:
+    _child(GRPC_REQUESTS, method, code).inc()
+    _child(GRPC_SECONDS, method).observe(seconds)
 
 
 class _HeaderGetter:

@@ -16,6 +16,9 @@ os.environ["BENTOML_HOME"] = str(_HOME)
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_HOME / "prometheus"))
 (_HOME / "prometheus").mkdir(exist_ok=True)
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# Services made in this process serve no gRPC (its default port is fixed); every `bentoml serve`
+# a test starts gets a free one (harness.servers.ServeProcess).
+os.environ.setdefault("BANKCHURN_GRPC_PORT", "0")
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402

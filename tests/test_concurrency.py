@@ -128,3 +128,37 @@ def test_pool_threads_run_at_lower_priority_than_the_loop():
         return await pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
     assert asyncio.run(main()) == os.getpriority(os.PRIO_PROCESS, 0) + 10
+
+
+def test_small_batches_run_on_the_loop_when_the_pool_is_idle():
+    """inline_max: a lone call, and the calls one loop iteration holds, run on the loop thread
+    in one batch; a batch bigger than inline_max, and batches while one runs, go to the pool."""
+    calls: list[tuple[int, int]] = []  # (batch size, thread id)
+
+    def double(items: list[int]) -> list[int]:
+        calls.append((len(items), threading.get_ident()))
+        time.sleep(0.01)
+        return [2 * i for i in items]
+
+    async def main():
+        loop_thread = threading.get_ident()
+        batcher = MicroBatcher(double, InferencePool(1, 100), max_batch=64, max_pending=1000, inline_max=4)
+        assert await batcher.submit(1) == 2  # alone
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(3))) == [0, 2, 4]  # together
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(10))) == [2 * i for i in range(10)]
+        return loop_thread
+
+    loop_thread = asyncio.run(main())
+    assert calls[0] == (1, loop_thread) and calls[1] == (3, loop_thread)
+    assert calls[2][0] == 10 and calls[2][1] != loop_thread  # too big for the loop: the pool's
+
+
+def test_an_inline_batch_that_fails_fails_its_callers_only():
+    def fail(items: list[int]) -> list[int]:
+        raise ValueError("boom")
+
+    async def main():
+        batcher = MicroBatcher(fail, InferencePool(1, 10), max_batch=10, max_pending=100, inline_max=4)
+        return await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+
+    assert [type(r) for r in asyncio.run(main())] == [ValueError, ValueError]

@@ -40,7 +40,7 @@ from packaging.requirements import Requirement
 
 from harness.servers import free_port
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
-from serving.v2 import columnar_request
+from serving.v2.codec import columnar_request
 
 pytestmark = pytest.mark.container
 

@@ -56,6 +56,7 @@ NAMESPACE = "bank-churn"
 REDIS_PORT = 6379
 SERVICE_NAME = "BankChurn"  # the BentoML service class: key of its config section
 CONTAINER_PORT = 3000  # BentoML's port in the image
+GRPC_PORT = 3001  # the service's gRPC port (BANKCHURN_GRPC_PORT)
 BENTO_UID = 1034  # the `bentoml` user of images built by `bentoml containerize`
 CPU_LIMIT_MILLI = 1000
 HPA_CPU_TARGET = 50
@@ -85,7 +86,15 @@ BASE_OBJECTS = Counter(
 EXPECTED_OBJECTS = {
     "base": BASE_OBJECTS,
     "gke": BASE_OBJECTS
-    + Counter({("Ingress", APP): 1, ("BackendConfig", APP): 1, ("PodMonitoring", APP): 1, ("PodMonitoring", JOBS): 1}),
+    + Counter(
+        {
+            ("Ingress", APP): 1,
+            ("BackendConfig", APP): 1,
+            ("PodMonitoring", APP): 1,
+            ("PodMonitoring", JOBS): 1,
+            ("Service", f"{APP}-grpc"): 1,
+        }
+    ),
     "eks": BASE_OBJECTS,
 }
 # Custom resources have no schema in kubernetes-validate; their fields are pinned in
@@ -465,8 +474,33 @@ def test_service_targets_the_pods_on_3000(rendered, target):
     docs = rendered[target]
     service = _one(docs, "Service")
     assert _selects_pods(service["spec"]["selector"], docs)
-    for port in service["spec"]["ports"]:
-        assert _container_port(_container(docs), port["targetPort"]) == CONTAINER_PORT
+    ports = {port["name"]: _container_port(_container(docs), port["targetPort"]) for port in service["spec"]["ports"]}
+    assert ports == {"http": CONTAINER_PORT, "grpc": GRPC_PORT}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_grpc_is_served_reachable_and_balanced_at_layer_4(rendered, target):
+    docs = rendered[target]
+    container = _container(docs)
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert _container_port(container, "grpc") == GRPC_PORT and env["BANKCHURN_GRPC_PORT"] == str(GRPC_PORT)
+    jobs_env = {
+        e["name"]: e.get("value")
+        for e in _one(docs, "Deployment", JOBS)["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert jobs_env["BANKCHURN_GRPC_PORT"] == "0"  # job workers take no online calls
+    allowed = {p["port"] for rule in _one(docs, "NetworkPolicy")["spec"]["ingress"] for p in rule["ports"]}
+    assert GRPC_PORT in allowed
+    grpc_ports = [p for p in _one(docs, "Service")["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc_ports[0]["appProtocol"] == "kubernetes.io/h2c"
+    if target == "gke":  # the Ingress cannot carry clear-text HTTP/2: a layer-4 internal LB beside it
+        service = _one(docs, "Service", f"{APP}-grpc")
+        assert service["spec"]["type"] == "LoadBalancer" and _selects_pods(service["spec"]["selector"], docs)
+        assert service["metadata"]["annotations"]["networking.gke.io/load-balancer-type"] == "Internal"
+        assert [_container_port(container, p["targetPort"]) for p in service["spec"]["ports"]] == [GRPC_PORT]
+    if target == "eks":  # the NLB passes 3001 through; its HTTP health check stays on /readyz at 3000
+        annotations = _one(docs, "Service")["metadata"]["annotations"]
+        assert annotations["service.beta.kubernetes.io/aws-load-balancer-healthcheck-port"] == str(CONTAINER_PORT)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -482,13 +516,13 @@ def test_pdb_selects_the_pods_and_leaves_one_running(rendered, target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_network_policy_allows_http_in_and_dns_out_only(rendered, target):
+def test_network_policy_allows_http_and_grpc_in_and_dns_out_only(rendered, target):
     docs = rendered[target]
     policy = _one(docs, "NetworkPolicy")["spec"]
     assert _selects_pods(policy["podSelector"]["matchLabels"], docs)
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
     ingress_ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
-    assert ingress_ports == {CONTAINER_PORT}
+    assert ingress_ports == {CONTAINER_PORT, GRPC_PORT}
     egress_ports = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
     assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", REDIS_PORT)}
     (to_redis,) = [rule for rule in policy["egress"] if rule["ports"] == [{"protocol": "TCP", "port": REDIS_PORT}]]
@@ -595,7 +629,8 @@ def test_no_selector_of_one_part_matches_the_pods_of_another(rendered, target):
     ]
     for kind, name, selector in selectors:
         matched = [pod for pod, labels in pods.items() if all(labels.get(k) == v for k, v in selector.items())]
-        assert matched == [name], f"{kind}/{name} selects the pods of {matched}"
+        part = {f"{APP}-grpc": APP}.get(name, name)  # GKE's gRPC Service is the API's
+        assert matched == [part], f"{kind}/{name} selects the pods of {matched}"
 
 
 @pytest.mark.parametrize("target", TARGETS)

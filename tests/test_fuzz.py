@@ -14,6 +14,7 @@ import gzip
 import json
 import re
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,13 +25,12 @@ import schemathesis
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.fleet import wait_for_job
+from harness.v2 import binary_body, binary_parts, raw_tensor
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
 from models.store import MODEL_NAME
 from serving.settings import Settings
-from serving.v2 import (
-    BINARY_UNSUPPORTED,
+from serving.v2.codec import (
     CLASSIFICATION_UNSUPPORTED,
-    HEADER_INFERENCE_CONTENT_LENGTH,
     OUTPUT_PROBABILITY,
     PARAM_BINARY_DATA_SIZE,
     PARAM_CLASSIFICATION,
@@ -234,6 +234,142 @@ def _row_3_of(name: str, value: Any) -> Callable[[dict], None]:
     return change
 
 
+def binary(
+    change: Callable[[dict, list[bytes]], Any] = lambda head, blobs: None,
+    rows: int = 2,
+    header_length: int | str | None = None,
+    names: set[str] | None = None,
+) -> dict[str, Any]:
+    """A request in the binary tensor data extension's framing (every input binary, or `names`),
+    its JSON header and binary parts changed by `change`."""
+    head, blobs = binary_parts(columnar_request([CUSTOMER] * rows), names)
+    change(head, blobs)
+    return binary_body(head, blobs, header_length)
+
+
+def _blob(name: str, blob: bytes) -> Callable[[dict, list[bytes]], None]:
+    """Replace an input's bytes (its binary_data_size follows unless `size` says otherwise)."""
+
+    def change(head: dict, blobs: list[bytes]) -> None:
+        i = [t["name"] for t in head["inputs"]].index(name)
+        blobs[i] = blob
+        head["inputs"][i]["parameters"][PARAM_BINARY_DATA_SIZE] = len(blob)
+
+    return change
+
+
+def _size(name: str, size: Any) -> Callable[[dict, list[bytes]], None]:
+    return lambda head, blobs: tensor(head, name)["parameters"].update({PARAM_BINARY_DATA_SIZE: size})
+
+
+# (case, request kwargs, status, substrings of `error`): the binary extension's framing, lengths and values
+HOSTILE_BINARY: list[tuple[str, Callable[[], dict[str, Any]], int, tuple[str, ...]]] = [
+    ("binary-size-past-the-body", lambda: binary(_size("EstimatedSalary", 10**9)), 400, ("runs past the end",)),
+    ("binary-size-negative", lambda: binary(_size("Age", -8)), 400, ("must be a byte count",)),
+    ("binary-size-a-string", lambda: binary(_size("Age", "16")), 400, ("must be a byte count",)),
+    ("binary-size-a-boolean", lambda: binary(_size("Age", True)), 400, ("must be a byte count",)),
+    ("binary-size-2**64", lambda: binary(_size("Age", 2**64)), 400, ("must be a byte count",)),
+    ("binary-size-too-small", lambda: binary(_size("CreditScore", 8)), 400, ("bytes after the last binary input",)),
+    ("binary-bytes-after-the-inputs", lambda: binary(lambda h, b: b.append(b"\0" * 7)), 400, ("7 bytes after",)),
+    ("header-length-past-the-body", lambda: binary(header_length=10**9), 400, ("longer than the body",)),
+    ("header-length-negative", lambda: binary(header_length=-5), 400, ("must be a byte count",)),
+    ("header-length-not-a-number", lambda: binary(header_length="12abc"), 400, ("must be a byte count",)),
+    ("header-length-2**70", lambda: binary(header_length=2**70), 400, ("must be a byte count",)),
+    ("header-length-zero", lambda: binary(header_length=0), 400, ("empty body",)),
+    ("header-length-cuts-the-json", lambda: binary(header_length=20), 400, ("invalid JSON",)),
+    (
+        "int64-bytes-not-the-shape",
+        lambda: binary(_blob("Age", raw_tensor("INT64", [42])[:-2])),
+        400,
+        ("'Age': 6 bytes of INT64 data, but shape [2] needs 16",),
+    ),
+    (
+        "shape-claims-10**12-rows-of-16-bytes",
+        lambda: binary(lambda h, b: [t.update(shape=[10**12]) for t in h["inputs"]]),
+        400,
+        ("at most 10000 rows",),
+    ),
+    (
+        "shape-claims-9000-rows-of-16-bytes",
+        lambda: binary(lambda h, b: [t.update(shape=[9000]) for t in h["inputs"]]),
+        400,
+        ("bytes of", "needs 72000"),
+    ),
+    (
+        "bytes-element-past-its-tensor",
+        lambda: binary(_blob("Geography", struct.pack("<I", 2**32 - 1) + b"France")),
+        400,
+        ("'Geography', row 0: a BYTES element of 4294967295 bytes runs past",),
+    ),
+    (
+        "bytes-element-length-cut",
+        lambda: binary(_blob("Gender", raw_tensor("BYTES", ["Male"]) + b"\x04\0")),
+        400,
+        ("'Gender': BYTES data ends after 1 elements, shape [2] needs 2",),
+    ),
+    (
+        "bytes-more-elements-than-the-shape",
+        lambda: binary(_blob("Gender", raw_tensor("BYTES", ["Male"] * 3))),
+        400,
+        ("bytes of BYTES data after the 2 elements",),
+    ),
+    (
+        "bytes-not-utf8",
+        lambda: binary(_blob("Gender", raw_tensor("BYTES", [b"\xff\xfe", b"Male"]))),
+        400,
+        ("'Gender', row 0: BYTES data must be UTF-8",),
+    ),
+    (
+        "bytes-not-a-category",
+        lambda: binary(_blob("Geography", raw_tensor("BYTES", ["France", "Italy"]))),
+        400,
+        ("input 'Geography', row 1: Input should be 'France', 'Germany' or 'Spain'",),
+    ),
+    (
+        "fp64-nan",
+        lambda: binary(_blob("Balance", raw_tensor("FP64", [0.0, float("nan")]))),
+        400,
+        ("input 'Balance', row 1: Input should be a finite number",),
+    ),
+    (
+        "int64-out-of-range",
+        lambda: binary(_blob("Age", raw_tensor("INT64", [42, 2**63 - 1]))),
+        400,
+        ("input 'Age', row 1: Input should be less than or equal to 100",),
+    ),
+    (
+        "fp32-binary",
+        lambda: binary(lambda h, b: tensor(h, "Balance").update(datatype="FP32")),
+        400,
+        ("'Balance': datatype 'FP32' is not accepted",),
+    ),
+    (
+        "data-and-binary-data-size",
+        lambda: binary(lambda h, b: tensor(h, "Age").update(data=[42, 42])),
+        400,
+        ("both 'data' and 'binary_data_size'",),
+    ),
+    (
+        "binary-data-size-without-the-header",
+        lambda: v2(setting("Age", parameters={PARAM_BINARY_DATA_SIZE: 8})),
+        400,
+        ("needs the binary tensor data extension's Inference-Header-Content-Length header",),
+    ),
+    (
+        "octet-stream-without-the-header",
+        lambda: {"content": b"\x00" * 64, "headers": {"content-type": "application/octet-stream"}},
+        400,
+        ("needs the Inference-Header-Content-Length header",),
+    ),
+    (
+        "binary-output-parameter-not-a-boolean",
+        lambda: v2(lambda b: b.update(parameters={"binary_data_output": "yes"})),
+        400,
+        ("parameter 'binary_data_output' must be true or false",),
+    ),
+]
+
+
 # (case, request kwargs, status, substrings of `error`); each becomes a HOSTILE case for /v2
 HOSTILE_V2: list[tuple[str, Callable[[], dict[str, Any]], int, tuple[str, ...]]] = [
     # datatypes
@@ -394,24 +530,7 @@ HOSTILE_V2: list[tuple[str, Callable[[], dict[str, Any]], int, tuple[str, ...]]]
     ("invalid-utf8", lambda: {"content": b'{"inputs": "\xff"}', "headers": JSON}, 400, ("invalid JSON",)),
     ("lone-surrogate", lambda: raw_json('{"inputs": [], "id": "\\ud800"}'), 400, ("invalid JSON",)),
     # extensions and framing
-    (
-        "binary-data-size",
-        lambda: v2(setting("Age", parameters={PARAM_BINARY_DATA_SIZE: 8})),
-        400,
-        (BINARY_UNSUPPORTED,),
-    ),
-    (
-        "inference-header-content-length",
-        lambda: {"content": v2()["content"], "headers": {**JSON, HEADER_INFERENCE_CONTENT_LENGTH: "12"}},
-        400,
-        (BINARY_UNSUPPORTED,),
-    ),
-    (
-        "octet-stream-body",
-        lambda: {"content": b"\x00" * 64, "headers": {"content-type": "application/octet-stream"}},
-        400,
-        (BINARY_UNSUPPORTED,),
-    ),
+    *HOSTILE_BINARY,
     (
         "shared-memory",
         lambda: v2(setting("Age", parameters={PARAM_SHARED_MEMORY_REGION: "r"})),

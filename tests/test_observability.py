@@ -44,10 +44,12 @@ def test_custom_metrics_move(server, trained):
     assert metric(after, "bank_churn_model_info", tag=str(trained.model.tag), backend="onnxruntime") == 1
     assert metric(after, "bank_churn_pool_threads") >= 1
     assert metric(after, "bank_churn_pool_busy_threads") == 0 and metric(after, "bank_churn_pool_queued_jobs") == 0
-    # /predict is a hot route with its own request metrics; BentoML's cover the other APIs
+    # /predict and /predict_batch are hot routes with their own request metrics; BentoML's cover the other APIs
     assert delta("bank_churn_http_requests_total", route="/predict", method="POST", status="200") == 5
     assert delta("bank_churn_http_request_duration_seconds_count", route="/predict") == 5
-    assert metric(after, "bentoml_service_request_total", endpoint="/predict_batch") >= 1
+    assert delta("bank_churn_http_requests_total", route="/predict_batch", method="POST", status="200") == 1
+    assert metric(after, "bank_churn_http_requests_in_progress", route="/predict_batch", method="POST") == 0
+    assert metric(after, "bentoml_service_request_total", endpoint="/explain") >= 1
 
 
 def test_tracing_exporter_from_environment(trained):

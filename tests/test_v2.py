@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.servers import metric
+from harness.v2 import binary_request, read_binary_response
 from models.schema import BY_NAME, EXAMPLE_CUSTOMER, FEATURE_NAMES, NUMERIC_FEATURES, json_customer
 from models.store import MODEL_NAME
-from serving.edge import HttpError
-from serving.v2 import (
+from serving.v2.codec import (
     BYTES,
     FP64,
     INPUT_DATATYPES,
@@ -33,11 +33,11 @@ from serving.v2 import (
     PARAM_THRESHOLD,
     PREFIX,
     SERVER_NAME,
+    BadRequest,
     checked_columns,
     columnar_request,
     fast_single_row,
     parse_request,
-    single_row,
 )
 
 MODEL = f"{PREFIX}/models/{MODEL_NAME}"
@@ -80,7 +80,7 @@ def test_server_metadata_and_health(server):
     for path in (PREFIX, f"{PREFIX}/"):
         r = httpx.get(f"{server.url}{path}")
         assert r.status_code == 200
-        assert r.json() == {"name": SERVER_NAME, "version": version("bentoml"), "extensions": []}
+        assert r.json() == {"name": SERVER_NAME, "version": version("bentoml"), "extensions": ["binary_tensor_data"]}
     assert httpx.get(f"{server.url}{PREFIX}/health/live").json() == {"live": True}
     assert httpx.get(f"{server.url}{PREFIX}/health/ready").json() == {"ready": True}
 
@@ -240,11 +240,57 @@ def test_requested_outputs_and_id(server, customers, batch):
     assert r.json()["outputs"] == [
         {"name": OUTPUT_DECISION, "datatype": "BOOL", "shape": [5], "data": batch["decision"][:5]}
     ]
-    both = [{"name": OUTPUT_DECISION}, {"name": OUTPUT_PROBABILITY, "parameters": {"binary_data": True}}]
-    r = post(server, {**columnar_request(customers[:5]), "outputs": both, "parameters": {"binary_data_output": True}})
+    both = [{"name": OUTPUT_DECISION}, {"name": OUTPUT_PROBABILITY, "parameters": {"binary_data": False}}]
+    r = post(server, {**columnar_request(customers[:5]), "outputs": both})
     assert [o["name"] for o in r.json()["outputs"]] == [OUTPUT_DECISION, OUTPUT_PROBABILITY]  # as asked, JSON
     # another batch size than the batch's: ONNX Runtime may round the last bit differently
     np.testing.assert_allclose(r.json()["outputs"][1]["data"], batch["probability"][:5], rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- binary tensor data
+
+
+@pytest.mark.parametrize(
+    "binary_inputs, parameters, outputs, binary_outputs",
+    [
+        (None, {}, None, set()),  # every input binary, JSON answers
+        (None, {"binary_data_output": True}, None, {OUTPUT_PROBABILITY, OUTPUT_DECISION}),  # tritonclient's default
+        ({"Age", "Geography", "Balance"}, {}, None, set()),  # binary and JSON inputs mixed
+        (
+            None,
+            {"binary_data_output": True},
+            [{"name": OUTPUT_DECISION, "parameters": {"binary_data": False}}, {"name": OUTPUT_PROBABILITY}],
+            {OUTPUT_PROBABILITY},
+        ),
+    ],
+    ids=["binary-inputs", "binary-outputs", "mixed-inputs", "per-output-choice"],
+)
+def test_binary_tensor_data_gives_predict_batchs_numbers(
+    server, customers, batch, binary_inputs, parameters, outputs, binary_outputs
+):
+    request = {**columnar_request(customers), "parameters": parameters}
+    if outputs is not None:
+        request["outputs"] = outputs
+    r = httpx.post(f"{server.url}{INFER}", **binary_request(request, binary_inputs), timeout=60)
+    assert r.status_code == 200, r.text[:500]
+    length = r.headers.get("inference-header-content-length")
+    assert (length is not None) == bool(binary_outputs)
+    assert r.headers["content-type"] == ("application/octet-stream" if binary_outputs else "application/json")
+    answer = read_binary_response(r.content, length)
+    by_name = {o["name"]: o for o in answer["outputs"]}
+    assert {n for n, o in by_name.items() if "binary_data_size" in o.get("parameters", {})} == binary_outputs
+    assert by_name[OUTPUT_PROBABILITY]["data"] == batch["probability"]
+    if OUTPUT_DECISION in by_name:
+        assert by_name[OUTPUT_DECISION]["data"] == batch["decision"]
+
+
+def test_a_binary_single_row_gives_predicts_numbers(server, customers):
+    for customer in customers[:5]:
+        expected = httpx.post(f"{server.url}/predict", json={"customer": customer}, timeout=30).json()
+        request = {**columnar_request([customer]), "parameters": {"binary_data_output": True}}
+        r = httpx.post(f"{server.url}{INFER}", **binary_request(request), timeout=30)
+        answer = read_binary_response(r.content, r.headers["inference-header-content-length"])
+        assert [o["data"] for o in answer["outputs"]] == [[expected["churn_probability"]], [expected["will_churn"]]]
 
 
 def test_bad_values_name_the_input_and_the_first_bad_row(server, customers):
@@ -334,7 +380,7 @@ _ROW = st.fixed_dictionaries({n: _valid(n) for n in NUMERIC_FEATURES})
 
 def test_the_usual_single_row_request_takes_the_short_way():
     body = columnar_request([EXAMPLE_CUSTOMER])
-    expected = single_row(body["inputs"])
+    expected = checked_columns(orjson.dumps(body), body["inputs"], None, tuple(OUTPUTS), 10).row
     assert expected is not None
     request = fast_single_row(orjson.dumps(body))
     assert request is not None and request.row == expected and request.outputs == tuple(OUTPUTS)
@@ -368,15 +414,14 @@ def test_what_the_short_way_refuses_the_long_way_decides(change, status):
     raw = orjson.dumps(body)
     try:
         fast = fast_single_row(raw)
-    except HttpError as exc:  # the outputs are worded the same either way
+    except BadRequest as exc:  # the outputs are worded the same either way
         fast = exc
     if status is None:
-        assert fast is None and parse_request(raw, 10_000).row == single_row(body["inputs"])
+        assert fast is None and parse_request(raw, 10_000).row is not None
         return
-    with pytest.raises(HttpError) as exc:
+    with pytest.raises(BadRequest) as exc:
         parse_request(raw, 10_000)
-    assert exc.value.status == status
-    assert fast is None or (isinstance(fast, HttpError) and fast.message == exc.value.message)
+    assert fast is None or (isinstance(fast, BadRequest) and fast.message == exc.value.message)
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
@@ -404,16 +449,14 @@ def test_the_short_way_for_one_row_accepts_only_what_the_columns_way_does(number
         else:
             inputs.remove(item)
     raw = orjson.dumps(body)
-    row = single_row(inputs)
     fast = fast_single_row(raw)  # the short way from the bytes (msgspec)
     try:
         checked = checked_columns(raw, inputs, None, tuple(OUTPUTS), 10_000)
-    except HttpError as exc:
-        assert row is None and fast is None, (exc.message, row, fast)
+    except BadRequest as exc:
+        assert fast is None, (exc.message, fast)
         return
-    for short in (row, fast.row if fast is not None else None):
-        if short is not None:  # the same row, the same values and types
-            assert checked.row == short and [type(v) for v in checked.row] == [type(v) for v in short]
+    if fast is not None:  # the same row, the same values and types
+        assert checked.row == fast.row and [type(v) for v in checked.row] == [type(v) for v in fast.row]
 
 
 # ----------------------------------------------------------------------------- readiness, in-process

@@ -136,6 +136,8 @@ class RouteTable:
                 started = True
             await send(message)
 
+        in_progress = telemetry.HTTP_IN_PROGRESS.labels(label, scope["method"])
+        in_progress.inc()
         with telemetry.request_span(scope, label) as span:
             try:
                 async with asyncio.timeout(timeout_s):
@@ -154,6 +156,7 @@ class RouteTable:
                     await send_error(tracked_send, HttpError(500, "internal error; see the server log"))
             finally:
                 telemetry.set_span_status(span, status)
+                in_progress.dec()
         seconds = time.perf_counter() - start
         telemetry.record_request(label, scope["method"], status, seconds)
         self.access_log(scope, status, seconds)
