@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         p.error("wrk is not installed: apt-get install wrk")
     a.pin = a.pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers (finally) on kill too
     limit = raise_open_files_limit(a.slow_connections * 2 + 1000)
     levels = [int(c) for c in a.connections.split(",")]
     path, key = keys_file(a.keys)
