@@ -36,6 +36,8 @@ async def _app(scope, receive, send):
         size += len(message.get("body", b""))
         if not message.get("more_body"):
             break
+    if scope["path"] == "/sleep":  # an answer that takes longer than the header timeout
+        await asyncio.sleep(TIMEOUT_S * 2)
     body = f"{scope['path']} {size}".encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body})
@@ -231,6 +233,16 @@ def test_idle_keep_alive_is_not_a_slow_header(port):
         answers = read_answers(sock, timeout=5)
         assert [status(a) for a in answers] == [408]
         assert time.monotonic() - start < TIMEOUT_S + 1
+
+
+def test_a_refusal_waits_for_the_answers_before_it(port):
+    """A pipelined head that times out while the request before it is being answered: that
+    answer first, then the 408 (answers stay in order)."""
+    with connect(port) as sock:
+        sock.sendall(request("/sleep") + b"GET /next HTTP/1.1\r\nHost: t\r\n")
+        answers = read_answers(sock, 2, timeout=10)
+    assert [status(a) for a in answers] == [200, 408]
+    assert answers[0].endswith(b"/sleep 0")
 
 
 def test_install_makes_it_uvicorns_auto_protocol():

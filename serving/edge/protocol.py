@@ -19,8 +19,9 @@ both, at the byte level, before anything is parsed:
 A refusal waits for the answers to requests read before it on the same connection
 (pipelining), so that answers stay in order; nothing more is parsed meanwhile.
 
-The timer is armed only for a connection whose headers did not all arrive in one read, so a
-request that arrives whole (nearly all of them) costs two attribute checks.
+The timer is armed only for a connection whose headers did not all arrive in one read, and no
+parser callback is overridden, so a request that arrives whole (nearly all of them) costs a
+few attribute checks.
 
 `install()` makes it uvicorn's "auto" protocol. The worker builds its `uvicorn.Config` after
 it has imported service.py, which calls install(), so the worker serves with it.
@@ -41,29 +42,25 @@ logger = logging.getLogger("bentoml.service.bank_churn.edge")
 DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 # What this module relies on in uvicorn's class; checked by install().
-_HOOKS = (
-    "connection_made",
-    "connection_lost",
-    "data_received",
-    "on_headers_complete",
-    "on_message_complete",
-    "on_response_complete",
-    "_unset_keepalive_if_required",
-)
+_HOOKS = ("connection_made", "connection_lost", "data_received", "on_response_complete", "_unset_keepalive_if_required")
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header size limit and a header timeout."""
+    """uvicorn's httptools protocol with a header size limit and a header timeout.
+
+    Only the socket's events are overridden, none of the parser's callbacks: where a request
+    stands is read from uvicorn's own state. `self.cycle` is the last request whose headers
+    ended (uvicorn makes one when they do); while its body is still coming (`more_body`), the
+    bytes arriving are body, else they are the next request's head."""
 
     max_header_bytes = DEFAULT_MAX_HEADER_BYTES
     header_timeout_s = DEFAULT_HEADER_TIMEOUT_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_head = True  # the bytes arriving now belong to a request's line and headers
+        self._head_of: Any = None  # the request the counted head follows (None: the connection's start)
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
-        self._completed = 0  # requests read whole on this connection
         self._refusal: tuple[int | None, str] | None = None  # (status or None: just close, message)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -77,44 +74,48 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
             return  # being refused: nothing more is parsed
-        while self._in_head and len(data) > self.max_header_bytes - self._head_bytes:
-            # Feed only what the limit allows: if the headers do not end within it, the rest is
-            # never parsed.
-            room = self.max_header_bytes - self._head_bytes
-            completed = self._completed
-            super().data_received(data[:room])
-            data = data[room:]
-            if self._refusal is not None or self.transport.is_closing():
-                return
-            if self._in_head and self._completed == completed:  # one head took all of it
-                self._refuse(431, "too_large", f"request line and headers larger than {self.max_header_bytes} bytes")
-                return
-            # The headers ended within it, or a request ended in it and the next one began (that
-            # one's share of the bytes is not counted: a head is never refused below the limit).
-        if self._in_head:
-            self._head_bytes += len(data)
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body:  # these bytes begin or continue a request's head
+            if cycle is not self._head_of:  # the head after a request that has ended
+                self._head_of, self._head_bytes = cycle, 0
+            while len(data) > self.max_header_bytes - self._head_bytes:
+                # Feed only what the limit allows: if the headers do not end within it, the
+                # rest is never parsed.
+                room = self.max_header_bytes - self._head_bytes
+                super().data_received(data[:room])
+                data = data[room:]
+                if self._refusal is not None or self.transport.is_closing():
+                    return
+                cycle = self.cycle
+                if cycle is self._head_of:  # no headers ended in it: one head took it all
+                    self._refuse(
+                        431, "too_large", f"request line and headers larger than {self.max_header_bytes} bytes"
+                    )
+                    return
+                if cycle.more_body:  # the headers ended: the rest is that request's body
+                    break
+                # A request ended in it and the next one began: that one's share of the bytes
+                # is not counted (a head is never refused below the limit, by twice it at most).
+                self._head_of, self._head_bytes = cycle, 0
+            else:
+                self._head_bytes += len(data)
         super().data_received(data)
-        if self._in_head and self._head_timer is None and self._head_bytes and not self.transport.is_closing():
+        cycle = self.cycle
+        if cycle is not self._head_of:  # a request's headers ended in this read
+            self._stop_head_timer()
+            if cycle.more_body or self.scope is cycle.scope:
+                return
+            # ... and it ended too, and the next one began (uvicorn gave it a new scope): that
+            # head is open from here.
+            self._head_of, self._head_bytes = cycle, 0
+        if self._head_timer is None and self._head_began() and not self.transport.is_closing():
             # The next request on a kept-alive connection has begun but its headers have not ended.
             self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
 
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._stop_head_timer()
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        # Whatever arrives next is the next request's head (bytes already read in the same
-        # chunk are not counted: at most one read of the socket more than the limit).
-        self._in_head = True
-        self._head_bytes = 0
-        self._completed += 1
-        super().on_message_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._refusal is not None and not self._answering():
-            self._send_refusal()
+    def _head_began(self) -> bool:
+        """Whether the open head has a byte yet (counted, or parsed in the read that ended the
+        request before it)."""
+        return self._head_bytes > 0 or (self.cycle is not None and self.scope is not self.cycle.scope)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -123,9 +124,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._in_head and self._refusal is None and not self.transport.is_closing():
+        head_open = self.cycle is self._head_of and (self.cycle is None or not self.cycle.more_body)
+        if head_open and self._refusal is None and not self.transport.is_closing():
             # A connection that never sent a byte gets no answer, as an idle keep-alive one.
-            status = 408 if self._head_bytes else None
+            status = 408 if self._head_began() else None
             self._refuse(status, "timeout", f"request headers not complete within {self.header_timeout_s:g} seconds")
 
     def _answering(self) -> bool:
@@ -136,7 +138,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         telemetry.count_header_refusal(reason)
         self._refusal = (status, message)
         self._stop_head_timer()
-        if not self._answering():  # else once the requests before it are answered, in order
+        if not self._answering():
+            self._send_refusal()
+            return
+        # Answered once the requests before it are, in order: each of them calls this back
+        # when its answer is complete.
+        for cycle in (self.cycle, *(queued for queued, _ in self.pipeline)):
+            cycle.on_response = self._answered_one
+
+    def _answered_one(self) -> None:
+        self.on_response_complete()  # uvicorn's own: starts the next pipelined request, if any
+        if not self._answering():
             self._send_refusal()
 
     def _send_refusal(self) -> None:
