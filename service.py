@@ -23,7 +23,7 @@ from serving import logs, telemetry
 from serving.auth import KEYS_FILE_ENV, load_keyring
 from serving.concurrency import Overloaded
 from serving.edge import HotRoutes, RouteTable, describe_validation_errors, error_response, overloaded, protocol
-from serving.engine import Engine
+from serving.engine import EXPLAIN, PREDICT, PREDICT_BATCH, Engine
 from serving.online import PredictRoute
 from serving.settings import Settings
 
@@ -162,7 +162,7 @@ class BankChurn:
         # Scoring jobs: in Redis when BANKCHURN_REDIS_URL is set (any replica answers for any
         # job), else in this process; run by BANKCHURN_JOB_WORKERS workers here.
         self.jobs = JobManager(self.engine, settings)
-        HOT_ROUTES.mount("/jobs", JobRoutes(self.jobs, settings.max_upload_bytes))
+        HOT_ROUTES.mount("/jobs", JobRoutes(self.jobs, settings.max_upload_bytes, settings.max_concurrent_uploads))
         # load_predictor() proved the model with a real prediction, so readiness can turn true
         # as soon as the pools exist.
         # Move everything loaded so far (frameworks, model) out of the cyclic GC's reach:
@@ -216,8 +216,9 @@ class BankChurn:
         with telemetry.stage("featurize"):
             row = row_values(customer)
         try:
-            p = await self.engine.predict_one(row)
-            return Prediction(**self.engine.prediction(p, await self.engine.explain(row) if explain else None))
+            p = await self.engine.predict_one(row, route=PREDICT)
+            explanation = await self.engine.explain(row, route=None) if explain else None
+            return Prediction(**self.engine.prediction(p, explanation))
         except Overloaded as exc:
             return _shed(exc)
 
@@ -226,7 +227,7 @@ class BankChurn:
         """Churn probabilities for 1 to BANKCHURN_MAX_BATCH_ROWS customers, in input order."""
         telemetry.record_since_request_start("receive")
         try:
-            body = await self.engine.score_records(customers)
+            body = await self.engine.score_records(customers, route=PREDICT_BATCH)
         except BatchValidationError as exc:
             return error_response(400, "; ".join(describe_validation_errors(exc.errors)), detail=exc.errors)
         except Overloaded as exc:
@@ -237,7 +238,7 @@ class BankChurn:
     async def explain(self, customer: Customer) -> Explanation:  # type: ignore[valid-type]
         """Per-feature contributions to the churn log-odds; base_value + their sum = log_odds."""
         try:
-            return Explanation(**await self.engine.explain(row_values(customer)))
+            return Explanation(**await self.engine.explain(row_values(customer), route=EXPLAIN))
         except Overloaded as exc:
             return _shed(exc)
 

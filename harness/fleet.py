@@ -39,49 +39,92 @@ def require(binary: str) -> str:
 
 
 class RedisServer:
-    """redis-server on loopback with persistence (AOF) in `directory`."""
+    """redis-server on loopback with persistence (AOF) in `directory`.
 
-    def __init__(self, directory: Path, port: int | None = None):
+    `password` protects the default user (requirepass; the URL carries it); `args` adds
+    server options (an ACL file, TLS, `--enable-debug-command yes`); `url` overrides the URL
+    clients are given (e.g. rediss://user:password@... for an ACL user over TLS); `username`
+    and `password` are what the harness itself logs in with (an ACL user with every right)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        password: str | None = None,
+        args: tuple[str, ...] = (),
+        url: str | None = None,
+        username: str | None = None,
+    ):
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        self.username = username
+        self.args = args
+        auth = f":{password}@" if password and not username else ""
+        self.url = url or f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "redis.log"
+
     def start(self) -> RedisServer:
-        self._log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        started_at = self.log_path.stat().st_size
+        tls = "--tls-port" in self.args
         self.proc = subprocess.Popen(
             [
                 require("redis-server"),
                 "--bind", "127.0.0.1",
-                "--port", str(self.port),
+                "--port", "0" if tls else str(self.port),
                 "--dir", str(self.directory),
                 "--appendonly", "yes",
                 "--appendfsync", "everysec",
                 "--save", "",
                 "--daemonize", "no",
+                *(("--requirepass", self.password) if self.password and not self.username else ()),
+                *self.args,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 20
-        while not self.ping():
-            assert self.proc.poll() is None, (self.directory / "redis.log").read_text()[-2000:]
+        # Ready once it says so (works for TLS and password-protected servers alike).
+        while b"Ready to accept connections" not in self.log_path.read_bytes()[started_at:]:
+            assert self.proc.poll() is None, self.log_path.read_text()[-2000:]
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
         return self
 
     def ping(self) -> bool:
+        import redis
+
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
-        except OSError:
+            return bool(self.client(timeout=0.5).ping())
+        except (redis.RedisError, OSError):
             return False
+
+    def client(self, timeout: float = 10):
+        """A synchronous redis-py client with the server's credentials (for tests to drive it)."""
+        import redis
+
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, username=self.username, password=self.password, socket_timeout=timeout
+        )
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs (connections open, nothing answered), as a wedged host does."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """SIGTERM: Redis flushes its append-only file and exits."""
         if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)  # a paused server cannot handle SIGTERM
             self.proc.terminate()
             self.proc.wait(20)
             self._log.close()

@@ -52,8 +52,10 @@ class ServeProcess:
         port: int | None = None,
         target: str = "service:BankChurn",
         prefix: tuple[str, ...] = (),
+        root: Path = ROOT,
     ):
         self.target = target
+        self.root = root  # the checkout to serve (a benchmark may serve an older one beside ours)
         self.prefix = prefix  # e.g. ("taskset", "-c", "0") to pin the server to one core
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -94,7 +96,7 @@ class ServeProcess:
                 "--port",
                 str(self.port),
             ],
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

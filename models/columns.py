@@ -1,5 +1,6 @@
 """The schema's rules applied to whole columns at once, with NumPy: the Open Inference
-Protocol's tensors and the scoring jobs' CSV chunks are checked here, with /predict's wording.
+Protocol's tensors, the scoring jobs' CSV chunks and the Spark job's Arrow batches are checked
+here, with /predict's wording.
 
 Kept apart from models/schema.py so that importing the schema (the `bentoml serve` arbiter
 does, to check the model cheaply) does not import NumPy.
@@ -8,7 +9,7 @@ does, to check the model cheaply) does not import NumPy.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,3 +200,41 @@ def _with_errors(
 ) -> ValidatedColumns:
     found.sort(key=lambda e: (e[0], e[1]))  # row order, then schema order
     return ValidatedColumns(numeric, categorical, [(row, name, msg) for row, _, name, msg in found], valid)
+
+
+# ---------------------------------------------------------------- cells of text (CSV)
+
+
+def _parse_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:  # not a number at all; None marks it for its own message
+        return None
+
+
+def not_a_number(feature: Feature, found: str) -> str:
+    """The message for a numeric feature's cell that holds no number at all: what it should be,
+    what was found ("an empty cell", "null", "unable to parse 'x'"), and the allowed values."""
+    noun = "an integer" if feature.kind in ("int", "flag") else "a number"
+    return f"Input should be {noun}, {found} (allowed: {feature.allowed()})"
+
+
+def number_cells(
+    cells: Sequence[str | None], feature: Feature, empty: str = "an empty cell"
+) -> tuple[np.ndarray, dict[int, str]]:
+    """A numeric column given as text cells (CSV) as float64, and the offsets of cells that are no
+    number at all, with their message (a missing cell, None, is worded `empty`). Range, integer
+    and finiteness rules are validate_columns'; those cells hold 0.0 for it."""
+    try:
+        return np.fromiter(map(float, cells), dtype=np.float64, count=len(cells)), {}
+    except (ValueError, TypeError):
+        pass
+    values = [None if c is None else _parse_number(c) for c in cells]
+    bad = {i: not_a_number(feature, _found(cells[i], empty)) for i, v in enumerate(values) if v is None}
+    return np.array([0.0 if v is None else v for v in values], dtype=np.float64), bad
+
+
+def _found(cell: str | None, empty: str) -> str:
+    if cell is None:
+        return f"found {empty}"
+    return "found an empty cell" if not cell.strip() else f"unable to parse {cell[:40]!r}"

@@ -3,6 +3,8 @@
 Serving imports this module in the `bentoml serve` arbiter as well as in the worker, so it
 imports nothing heavy: the scikit-learn pipeline (joblib, scikit-learn, XGBoost, LightGBM)
 is unpickled only when something asks for it (training checks, the scikit-learn fallback).
+BentoML itself is imported only by what talks to the store (save, get): the Spark executors
+check and load an entry unpacked from an archive, with no BentoML installed.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import platform
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib.metadata import version
-from typing import Any
-
-import bentoml
+from typing import TYPE_CHECKING, Any
 
 from models.schema import FEATURE_NAMES, schema_dict
+
+if TYPE_CHECKING:
+    import bentoml
 
 MODEL_NAME = "bank_churn"
 # The tag serving loads unless BANKCHURN_MODEL_TAG names another; `python -m training --if-missing`
@@ -29,6 +32,9 @@ DEFAULT_MODEL_TAG = f"{MODEL_NAME}:latest"
 PIPELINE_FILE = "pipeline.joblib"
 BACKGROUND_FILE = "background.json"
 COMPILED_FILE = "pipeline.onnx"  # ONNX Runtime model, saved only when its parity check passed
+# The drift reference (CSV): the fit split's features and target with the model's out-of-fold
+# P(churn); the monitoring jobs read it, serving never does.
+REFERENCE_FILE = "reference.csv"
 TRAIN_COMMAND = "python -m training"  # what to run when the store has no model
 LIBRARIES = ("scikit-learn", "xgboost", "lightgbm", "numpy", "pandas", "bentoml", "onnx", "onnxruntime")
 
@@ -67,6 +73,7 @@ def save_model(
     FEATURE_NAMES order) and any extra artifacts (e.g. the compiled model) as one versioned
     entry of the model store. Each file's SHA-256 goes into the metadata (`files`), so a
     server can verify the entry without loading it."""
+    import bentoml
     import joblib
 
     buf = io.BytesIO()
@@ -90,6 +97,8 @@ def served_tag() -> str:
 
 
 def get_stored(tag: str) -> bentoml.Model:
+    import bentoml
+
     try:
         return bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:

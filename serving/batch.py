@@ -33,7 +33,7 @@ from serving.edge import (
     send_json,
     validation_error,
 )
-from serving.engine import Engine
+from serving.engine import PREDICT_BATCH, Engine
 
 # Bodies up to this size are decoded on the event loop (a 50-row batch is ~10 KiB), bigger ones
 # on the engine's pool: decoding 10,000 rows takes ~10 ms, which would hold up every request.
@@ -87,13 +87,14 @@ def fast_columns(decoder: msgspec.json.Decoder, body: bytes) -> tuple[np.ndarray
     return numeric, categorical
 
 
-def predictions_json(proba: np.ndarray, threshold: float, tag: str) -> bytes:
-    """{"predictions": [...]}, as Engine.score_records answers, without a dict per row."""
+def predictions_json(proba: np.ndarray, decisions: np.ndarray, threshold: float, tag: str) -> bytes:
+    """{"predictions": [...]}, as Engine.score_records answers, without a dict per row; the
+    decisions are the engine's (Engine.decide)."""
     tail = orjson.dumps({"threshold": threshold, "model_version": tag})[1:]  # '"threshold":...}'
     churn, stay = b',"will_churn":true,' + tail, b',"will_churn":false,' + tail
     parts = [
         b'{"churn_probability":' + orjson.dumps(p) + (churn if d else stay)
-        for p, d in zip(proba.tolist(), (proba >= threshold).tolist(), strict=True)
+        for p, d in zip(proba.tolist(), decisions.tolist(), strict=True)
     ]
     return b'{"predictions":[' + b",".join(parts) + b"]}"
 
@@ -121,8 +122,8 @@ class PredictBatchRoute:
                 columns = await self.engine.pool.run(fast_columns, self.decoder, body)
             telemetry.record_since_request_start("validate")
             if columns is not None:
-                proba = await self.engine.predict_columns(*columns)
-                payload = predictions_json(proba, self.engine.threshold, self.engine.tag)
+                proba = await self.engine.predict_columns(*columns, route=PREDICT_BATCH)
+                payload = predictions_json(proba, self.engine.decide(proba), self.engine.threshold, self.engine.tag)
             else:
                 payload = await self.slow_way(body)
         except Overloaded as exc:
@@ -137,6 +138,6 @@ class PredictBatchRoute:
         except pydantic.ValidationError as exc:
             raise validation_error(exc) from None
         try:
-            return await self.engine.score_records(request.customers)
+            return await self.engine.score_records(request.customers, route=PREDICT_BATCH)
         except BatchValidationError as exc:
             raise HttpError(400, "; ".join(describe_validation_errors(exc.errors)), detail=exc.errors) from None

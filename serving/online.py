@@ -15,7 +15,7 @@ from models.schema import row_values
 from serving import telemetry
 from serving.concurrency import Overloaded
 from serving.edge import media_type, overloaded, read_body, send_json, validation_error
-from serving.engine import Engine
+from serving.engine import PREDICT, Engine
 
 
 class PredictRoute:
@@ -43,8 +43,8 @@ class PredictRoute:
         with telemetry.stage("featurize"):
             row = row_values(request.customer)
         try:
-            p = await self.engine.predict_one(row)
-            explanation = await self.engine.explain(row) if request.explain else None
+            p = await self.engine.predict_one(row, route=PREDICT)
+            explanation = await self.engine.explain(row, route=None) if request.explain else None
         except Overloaded as exc:
             raise overloaded(exc) from None
         await send_json(send, 200, orjson.dumps(self.engine.prediction(p, explanation)))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.store import DEFAULT_MODEL_TAG
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="CSV uploads above this get 413")
     max_csv_rows: int = Field(200_000, ge=1, description="row limit of a CSV scoring job")
+    max_concurrent_uploads: int = Field(
+        2, ge=1, le=64, description="CSV uploads received and checked at once per process; more get 503 + Retry-After"
+    )
     predict_route: Literal["hot", "bentoml"] = Field(
         "hot",
         description="who answers POST /predict over HTTP: the hot route in front of BentoML's middleware, "
@@ -82,9 +85,21 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None,
         pattern=r"^(redis|rediss|unix)://",
-        description="jobs queue and result store shared by every replica (redis://host:port/db); "
-        "unset = an embedded store in this process (single replica only)",
+        description="jobs queue and result store shared by every replica (redis://[[user]:password@]host:port/db; "
+        "rediss:// for TLS); unset = an embedded store in this process (single replica only)",
         json_schema_extra=SECRET,  # redis://:password@host
+    )
+    redis_ca_file: Path | None = Field(
+        None,
+        description="CA certificate(s) (PEM) that a rediss:// server's certificate must chain to; "
+        "unset = the system's CAs",
+    )
+    redis_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="longest wait for one Redis command of a request (one retry follows); "
+        "a hung Redis costs a request about twice this before its 503",
     )
     job_workers: int = Field(1, ge=0, le=64, description="jobs this process runs at once (0: accept and answer only)")
     job_ttl_s: int = Field(24 * 3600, ge=60, description="how long a finished job's status and result are kept")
@@ -94,7 +109,62 @@ class Settings(BaseSettings):
     )
     job_attempts: int = Field(5, ge=1, le=100, description="tries of a job whose workers die before it fails")
     job_timeout_s: int = Field(3600, ge=10, description="longest a single try of a job may run")
+    job_reconcile_s: int = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="how often a job worker walks the live jobs for ones a Redis outage left without a "
+        "queue entry (re-queued, or failed if never accepted); a job is looked at once untouched for twice this",
+    )
     job_queue: str = Field("bank_churn", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="queue name in Redis")
+
+    # The prediction log (serving.predictionlog): a record per scored row, for drift and
+    # realized-performance reports (python -m monitoring.drift / monitoring.performance read
+    # it back with these same settings).
+    prediction_log_sink: Literal["file", "redis", "off"] = Field(
+        "file",
+        description="where scored rows are logged: JSON-lines files under prediction_log_dir (one process), "
+        "a capped Redis stream shared by every replica, or nowhere",
+    )
+    prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of scored rows logged (0 = none)")
+    prediction_log_dir: Path = Field(Path("prediction_log"), description="directory of the file sink")
+    prediction_log_redis_url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis of the stream sink (unset: BANKCHURN_REDIS_URL, the jobs' Redis)",
+        json_schema_extra=SECRET,
+    )
+    prediction_log_stream: str = Field(
+        "bank_churn:predictions", pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="stream key of the Redis sink"
+    )
+    prediction_log_retention_hours: float = Field(
+        24 * 35, gt=0, description="logged rows older than this are deleted (both sinks)"
+    )
+    prediction_log_max_rows: int = Field(
+        1_000_000, ge=1000, description="Redis sink: the stream keeps at most about this many rows"
+    )
+    prediction_log_max_bytes: int = Field(
+        2 * 1024**3, ge=1024**2, description="file sink: the directory keeps at most about this many bytes"
+    )
+    prediction_log_queue_rows: int = Field(
+        100_000, ge=1, description="rows waiting to be written beyond which new rows are dropped (and counted)"
+    )
+
+    @property
+    def prediction_log_redis(self) -> str | None:
+        """The Redis URL of the stream sink: its own, else the jobs' Redis."""
+        return self.prediction_log_redis_url or self.redis_url
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Settings:
+        # Checked here, so that `bentoml serve` stops at start-up with the reason (the URL is
+        # never quoted: it may hold a password).
+        if self.redis_ca_file is not None:
+            if not (self.redis_url or "").startswith("rediss://"):
+                raise ValueError("BANKCHURN_REDIS_CA_FILE is set but BANKCHURN_REDIS_URL is not a rediss:// (TLS) URL")
+            if not self.redis_ca_file.is_file():
+                raise ValueError(f"BANKCHURN_REDIS_CA_FILE={self.redis_ca_file}: no such file")
+        return self
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -152,11 +222,12 @@ def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors(include_url=False, include_context=False):
         name = str(err["loc"][0]) if err.get("loc") else ""
-        variable = ENV_PREFIX + name.upper() if name else "settings"
+        if not name:  # a rule across settings: its input is all of them, never shown
+            lines.append(err["msg"].removeprefix("Value error, "))
+            continue
         if name in hidden:
             shown = "(value not shown: it may hold a password)"
         else:
-            text = str(err.get("input", ""))
-            shown = f"(got {text[:80]!r})"
-        lines.append(f"{variable}: {err['msg']} {shown}")
+            shown = f"(got {str(err.get('input', ''))[:80]!r})"
+        lines.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']} {shown}")
     return "invalid settings: " + "; ".join(lines)

@@ -94,8 +94,18 @@ JOB_STORE_ERRORS = Counter(
 )
 _job_store = {"up": 1}
 
+# The prediction log (serving.predictionlog): rows written to its sink, and rows dropped
+# because the queue was full (the sink slow or down) or the sink failed to take them.
+LOG_WRITTEN = Counter(f"{PREFIX}_prediction_log_written_rows_total", "Scored rows written to the prediction log")
+LOG_DROPPED = Counter(
+    f"{PREFIX}_prediction_log_dropped_rows_total",
+    "Scored rows the prediction log dropped: queue_full (the sink is slow or down) or sink_error",
+    ["reason"],
+)
+
 _model_info: dict[str, str] = {}
 _watched: list[Any] = []
+_log: list[Any] = []
 
 # Set by the HTTP middleware when a request arrives: 'validate' = arrival -> API entry
 # (body read, JSON parsing and schema validation all happen in BentoML before our code).
@@ -192,6 +202,14 @@ class _HeaderGetter:
 _GETTER = _HeaderGetter()
 
 
+# A route whose path holds a secret (a job id) puts the path logs and traces may show here.
+LOG_PATH_KEY = "bank_churn.log_path"
+
+
+def loggable_path(scope: dict) -> str:
+    return scope.get(LOG_PATH_KEY) or scope["path"]
+
+
 @contextlib.contextmanager
 def request_span(scope: dict, route: str) -> Iterator[Any]:
     """A server span for a hot-route request when tracing is on (None, at no cost, when off),
@@ -202,7 +220,7 @@ def request_span(scope: dict, route: str) -> Iterator[Any]:
     from opentelemetry.propagate import extract
 
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-    attributes = {"http.request.method": scope["method"], "url.path": scope["path"], "http.route": route}
+    attributes = {"http.request.method": scope["method"], "url.path": loggable_path(scope), "http.route": route}
     with _tracer.start_as_current_span(
         f"{scope['method']} {route}",
         context=extract(headers, getter=_GETTER),
@@ -233,12 +251,21 @@ def record_since_request_start(name: str) -> None:
         span.end(end_time=end_ns)
 
 
-def record_predictions(proba: np.ndarray, threshold: float) -> None:
-    churn = int((proba >= threshold).sum())
+def record_decisions(decisions: np.ndarray) -> None:
+    """Count scored customers by decision (the engine's `will_churn` for each)."""
+    churn = int(decisions.sum())
     if churn:
         _child(PREDICTIONS, "true").inc(churn)
-    if len(proba) - churn:
-        _child(PREDICTIONS, "false").inc(len(proba) - churn)
+    if len(decisions) - churn:
+        _child(PREDICTIONS, "false").inc(len(decisions) - churn)
+
+
+def log_written(rows: int) -> None:
+    LOG_WRITTEN.inc(rows)
+
+
+def log_dropped(reason: str, rows: int) -> None:
+    _child(LOG_DROPPED, reason).inc(rows)
 
 
 def job_store_error(op: str) -> bool:
@@ -278,8 +305,9 @@ def set_model_info(tag: str, backend: str) -> None:
     _model_info.update(tag=tag, backend=backend)
 
 
-def watch(batcher: Any, *pools: Any) -> None:
+def watch(batcher: Any, *pools: Any, log: Any = None) -> None:
     _watched[:] = [batcher, *pools]
+    _log[:] = [log] if log is not None and log.enabled else []
 
 
 def live_metrics() -> str:
@@ -304,5 +332,14 @@ def live_metrics() -> str:
             f"# HELP {PREFIX}_batcher_pending_rows Single-row predictions waiting to join a batch",
             f"# TYPE {PREFIX}_batcher_pending_rows gauge",
             f"{PREFIX}_batcher_pending_rows {batcher.pending}",
+        ]
+    for log in _log:
+        lines += [
+            f"# HELP {PREFIX}_prediction_log_queued_rows Scored rows waiting to be written to the prediction log",
+            f"# TYPE {PREFIX}_prediction_log_queued_rows gauge",
+            f"{PREFIX}_prediction_log_queued_rows {max(0, log.queued_rows)}",
+            f"# HELP {PREFIX}_prediction_log_sink_up Whether the last write to the prediction log's sink succeeded",
+            f"# TYPE {PREFIX}_prediction_log_sink_up gauge",
+            f"{PREFIX}_prediction_log_sink_up {log.sink_up}",
         ]
     return "\n".join(lines) + "\n"

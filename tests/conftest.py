@@ -16,6 +16,8 @@ os.environ["BENTOML_HOME"] = str(_HOME)
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_HOME / "prometheus"))
 (_HOME / "prometheus").mkdir(exist_ok=True)
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# Servers and in-process services log predictions under the temporary home, not the checkout.
+os.environ.setdefault("BANKCHURN_PREDICTION_LOG_DIR", str(_HOME / "prediction_log"))
 # Services made in this process serve no gRPC (its default port is fixed); every `bentoml serve`
 # a test starts gets a free one (harness.servers.ServeProcess).
 os.environ.setdefault("BANKCHURN_GRPC_PORT", "0")

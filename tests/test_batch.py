@@ -78,7 +78,7 @@ def test_what_json_cannot_hold_takes_bentomls_way(body):
 
 def test_the_answer_is_score_records_answer():
     proba = np.array([0.1, 0.5, 0.25, 1e-05, 0.9999999999999999])
-    got = json.loads(predictions_json(proba, 0.25, "bank_churn:v1"))
+    got = json.loads(predictions_json(proba, proba >= 0.25, 0.25, "bank_churn:v1"))
     expected = {
         "predictions": [
             {"churn_probability": p, "will_churn": p >= 0.25, "threshold": 0.25, "model_version": "bank_churn:v1"}

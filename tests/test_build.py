@@ -72,17 +72,33 @@ def test_bento_holds_only_serving_code(bento):
     assert not [f for f in files if f.startswith(forbidden) or "__pycache__" in f], files
 
 
-def _pins(requirements: str) -> set[str]:
-    """Normalised 'name==version; marker' requirements, comments and blank lines dropped."""
+def _requirements(text: str) -> dict[str, set[str]]:
+    """{normalised 'name==version; marker': its --hash values} of a requirements file
+    (continuation lines joined, comments and blank lines dropped)."""
     from packaging.requirements import Requirement
 
-    lines = (line.strip() for line in requirements.splitlines())
-    return {str(Requirement(line)) for line in lines if line and not line.startswith("#")}
+    joined = text.replace("\\\n", " ")
+    out: dict[str, set[str]] = {}
+    for line in joined.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        spec, *options = line.split(" --hash=")
+        out.setdefault(str(Requirement(spec.strip())), set()).update(o.strip() for o in options)
+    return out
+
+
+def _pins(requirements: str) -> set[str]:
+    """Normalised 'name==version; marker' requirements, comments and blank lines dropped."""
+    return set(_requirements(requirements))
 
 
 def test_bento_installs_the_locked_serving_set_only(bento):
-    bento_pins = _pins((bento / "env" / "python" / "requirements.txt").read_text())
+    bento_requirements = _requirements((bento / "env" / "python" / "requirements.txt").read_text())
+    bento_pins = set(bento_requirements)
     assert bento_pins == _pins((ROOT / "requirements" / "serve.txt").read_text())
+    # the hashes travel into the Bento: its image installs only the locked files (uv checks them)
+    assert bento_requirements == _requirements((ROOT / "requirements" / "serve.txt").read_text())
     pins = {line.split("==")[0] for line in bento_pins}
     assert {"bentoml", "onnxruntime", "numpy", "pydantic", "saq", "redis", "orjson"} <= pins
     assert not pins & {"scikit-learn", "xgboost", "xgboost-cpu", "lightgbm", "pandas", "joblib", "onnx"}, pins
@@ -95,12 +111,20 @@ def test_bento_sets_thread_envs_and_one_worker(bento):
     assert info["services"][0]["config"]["workers"] == 1
 
 
-@pytest.mark.parametrize(("name", "extra"), [("serve.txt", []), ("full.txt", ["--extra", "sklearn"])])
-def test_exported_requirements_match_the_lock(name, extra):
-    """requirements/*.txt are exported from uv.lock (`make lock`); a stale export fails here."""
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("serve.txt", []), ("full.txt", ["--extra", "sklearn"]), ("monitoring.txt", ["--extra", "monitoring"])],
+)
+def test_exported_requirements_match_the_lock_and_carry_hashes(name, extra):
+    """requirements/*.txt are exported from uv.lock (`make lock`); a stale export fails here.
+    Every requirement carries the SHA-256 of its files, so an image installs only those."""
     uv = Path(sys.executable).parent / "uv"
+    text = (ROOT / "requirements" / name).read_text()
+    unhashed = [spec for spec, hashes in _requirements(text).items() if not hashes]
+    assert not unhashed, f"requirements/{name} without hashes: {unhashed}"
+    assert all(h.startswith("sha256:") and len(h) == 71 for hashes in _requirements(text).values() for h in hashes)
     proc = subprocess.run(
-        [str(uv), "export", "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "--no-header", *extra],
+        [str(uv), "export", "--frozen", "--no-dev", "--no-emit-project", "--no-header", *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -121,8 +145,9 @@ def test_dockerfile_installs_no_compiler_and_a_pinned_uv(bento):
 def test_full_bento_adds_the_sklearn_stack_without_nccl(full_bento, bento):
     info = yaml.safe_load((full_bento / "bento.yaml").read_text())
     assert info["name"] == "bank_churn_full" and info["service"] == "service:BankChurn"
-    pins = _pins((full_bento / "env" / "python" / "requirements.txt").read_text())
-    assert pins == _pins((ROOT / "requirements" / "full.txt").read_text())
+    requirements = _requirements((full_bento / "env" / "python" / "requirements.txt").read_text())
+    assert requirements == _requirements((ROOT / "requirements" / "full.txt").read_text())
+    pins = set(requirements)
     names = {p.split("==")[0] for p in pins if "linux" in p or ";" not in p}
     assert {"scikit-learn", "xgboost-cpu", "lightgbm", "pandas", "joblib"} <= names
     assert not {n for n in names if n.startswith("nvidia-nccl")} and "xgboost" not in names

@@ -16,6 +16,8 @@ Needs kubectl (built-in kustomize; override with $KUBECTL) and checkov in its ow
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -24,6 +26,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -51,7 +54,8 @@ K8S_VERSION = "1.33"
 APP = "bank-churn"
 JOBS = "bank-churn-jobs"
 REDIS = "bank-churn-redis"
-PARTS = (APP, JOBS, REDIS)  # app.kubernetes.io/name of the API, the job workers, Redis
+MONITORING = "bank-churn-monitoring"
+PARTS = (APP, JOBS, REDIS, MONITORING)  # app.kubernetes.io/name of the API, the job workers, Redis, the drift job
 NAMESPACE = "bank-churn"
 REDIS_PORT = 6379
 SERVICE_NAME = "BankChurn"  # the BentoML service class: key of its config section
@@ -81,6 +85,10 @@ BASE_OBJECTS = Counter(
         ("NetworkPolicy", APP): 1,
         ("NetworkPolicy", JOBS): 1,
         ("NetworkPolicy", REDIS): 1,
+        ("ServiceAccount", MONITORING): 1,
+        ("CronJob", "bank-churn-drift"): 1,
+        ("PersistentVolumeClaim", "bank-churn-monitoring-reports"): 1,
+        ("NetworkPolicy", MONITORING): 1,
     }
 )
 EXPECTED_OBJECTS = {
@@ -89,6 +97,8 @@ EXPECTED_OBJECTS = {
     + Counter(
         {
             ("Ingress", APP): 1,
+            ("ManagedCertificate", APP): 1,
+            ("FrontendConfig", APP): 1,
             ("BackendConfig", APP): 1,
             ("PodMonitoring", APP): 1,
             ("PodMonitoring", JOBS): 1,
@@ -102,13 +112,16 @@ EXPECTED_OBJECTS = {
 CUSTOM_RESOURCES = {
     ("cloud.google.com/v1", "BackendConfig"),
     ("monitoring.googleapis.com/v1", "PodMonitoring"),
+    ("networking.gke.io/v1", "ManagedCertificate"),
+    ("networking.gke.io/v1beta1", "FrontendConfig"),
     ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
 }
 CLUSTER_SCOPED_KINDS = {"Namespace"}
 
 # Markers of one cloud that must not leak into the base or the other overlay.
 CLOUD_MARKERS = {
-    "gke": ("cloud.google.com", "googleapis.com", "docker.pkg.dev"),
+    "gke": ("cloud.google.com", "googleapis.com", "docker.pkg.dev", "gke.io"),
     "eks": ("amazonaws.com", "aws-load-balancer", "elbv2.k8s.aws"),
 }
 
@@ -139,7 +152,7 @@ SETTINGS = [
     ("OMP_NUM_THREADS", "1"),
 ]
 
-PINNED = r"(:[\w][\w.-]{0,127}|@sha256:[0-9a-f]{64})$"  # a version tag or a digest
+PINNED = r"(:[\w][\w.-]{0,127})?@sha256:[0-9a-f]{64}$"  # a digest (after the tag, which is informational)
 IMAGE_PATTERNS = {
     "base": r"^bank-churn" + PINNED,
     "gke": r"^[A-Za-z0-9-]+-docker\.pkg\.dev/[^/]+/[^/]+/bank-churn" + PINNED,
@@ -153,8 +166,14 @@ OVERLAY_FACTS = [
     ("gke", "Service", ("metadata", "annotations", "cloud.google.com/backend-config"), '{"default": "bank-churn"}'),
     ("gke", "Service", ("spec", "type"), "ClusterIP"),
     ("gke", "Ingress", ("metadata", "annotations", "kubernetes.io/ingress.class"), "gce"),
+    ("gke", "Ingress", ("metadata", "annotations", "networking.gke.io/managed-certificates"), APP),
+    ("gke", "Ingress", ("metadata", "annotations", "networking.gke.io/v1beta1.FrontendConfig"), APP),
+    ("gke", "Ingress", ("metadata", "annotations", "kubernetes.io/ingress.global-static-ip-name"), "bank-churn-ip"),
+    ("gke", "FrontendConfig", ("spec", "redirectToHttps", "enabled"), True),
+    ("gke", "FrontendConfig", ("spec", "redirectToHttps", "responseCodeName"), "MOVED_PERMANENTLY_DEFAULT"),
     ("gke", "Ingress", ("spec", "defaultBackend", "service", "name"), APP),
     ("gke", "BackendConfig", ("spec", "healthCheck", "type"), "HTTP"),
+    ("gke", "BackendConfig", ("spec", "securityPolicy", "name"), "bank-churn-edge"),
     ("gke", "BackendConfig", ("spec", "healthCheck", "requestPath"), "/readyz"),
     ("gke", "BackendConfig", ("spec", "healthCheck", "port"), CONTAINER_PORT),
     ("gke", "PodMonitoring", ("spec", "selector", "matchLabels", "app.kubernetes.io/name"), APP),
@@ -165,6 +184,14 @@ OVERLAY_FACTS = [
     ("eks", "Service", ("metadata", "annotations", NLB + "type"), "external"),
     ("eks", "Service", ("metadata", "annotations", NLB + "nlb-target-type"), "ip"),
     ("eks", "Service", ("metadata", "annotations", NLB + "healthcheck-path"), "/readyz"),
+    ("eks", "Service", ("metadata", "annotations", NLB + "ssl-ports"), "443,3001"),
+    ("eks", "Service", ("metadata", "annotations", NLB + "alpn-policy"), "HTTP2Optional"),
+    (
+        "eks",
+        "Service",
+        ("metadata", "annotations", NLB + "ssl-negotiation-policy"),
+        "ELBSecurityPolicy-TLS13-1-2-2021-06",
+    ),
     ("eks", "Namespace", ("metadata", "labels", "elbv2.k8s.aws/pod-readiness-gate-inject"), "enabled"),
     ("eks", "Deployment", ("spec", "template", "spec", "nodeSelector", "eks.amazonaws.com/nodegroup"), APP),
 ]
@@ -318,7 +345,14 @@ def _prestop_sleep_s(container: dict) -> int:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_kustomize_renders_expected_objects(rendered, target):
-    objects = Counter((d["kind"], re.sub(r"-[a-z0-9]{10}$", "", d["metadata"]["name"])) for d in rendered[target])
+    def name(doc: dict) -> str:  # generated ConfigMaps end in a content hash
+        return (
+            re.sub(r"-[a-z0-9]{10}$", "", doc["metadata"]["name"])
+            if doc["kind"] == "ConfigMap"
+            else doc["metadata"]["name"]
+        )
+
+    objects = Counter((d["kind"], name(d)) for d in rendered[target])
     assert objects == EXPECTED_OBJECTS[target]
 
 
@@ -475,7 +509,8 @@ def test_service_targets_the_pods_on_3000(rendered, target):
     service = _one(docs, "Service")
     assert _selects_pods(service["spec"]["selector"], docs)
     ports = {port["name"]: _container_port(_container(docs), port["targetPort"]) for port in service["spec"]["ports"]}
-    assert ports == {"http": CONTAINER_PORT, "grpc": GRPC_PORT}
+    web = "https" if target == "eks" else "http"  # the EKS NLB's listener is TLS
+    assert ports == {web: CONTAINER_PORT, "grpc": GRPC_PORT}
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -597,15 +632,106 @@ def test_job_workers_run_the_api_image_with_workers_on_and_the_api_runs_none(ren
     assert hpa["scaleTargetRef"]["name"] == JOBS and hpa["minReplicas"] >= 1
 
 
+def _redis_secret(*args: str) -> dict[str, str]:
+    """What deploy/redis-secret.sh makes, decoded (kubectl renders it offline)."""
+    out = subprocess.run(
+        [str(DEPLOY / "redis-secret.sh"), *args], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    secret = yaml.safe_load(out)
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == REDIS
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def test_the_redis_secret_holds_new_passwords_only_their_hashes_reach_redis():
+    first, second = _redis_secret(), _redis_secret("--namespace", "other")
+    url = urlsplit(first["BANKCHURN_REDIS_URL"])
+    assert (url.scheme, url.username, url.hostname, url.port, url.path) == (
+        "redis",
+        "bank-churn",
+        REDIS,
+        REDIS_PORT,
+        "/0",
+    )
+    assert len(url.password) == 64 and url.password != urlsplit(second["BANKCHURN_REDIS_URL"]).password
+    users = {line.split()[1]: line for line in first["users.acl"].splitlines()}
+    assert set(users) == {"default", "probe", "bank-churn", "keda"}
+    for user, password in (("bank-churn", url.password), ("keda", first["keda-password"])):
+        assert f" #{hashlib.sha256(password.encode()).hexdigest()} " in users[user], user
+        assert password not in first["users.acl"], "the ACL file holds hashes, never a password"
+    assert first["keda-username"] == "keda"
+    assert users["default"].split()[2] == "off", "nobody is let in without a password"
+    assert "~*" not in users["bank-churn"] and "+@all" not in users["bank-churn"], "the service gets its keys only"
+    assert users["keda"].endswith("+llen") and "~saq:bank_churn:queued ~saq:bank_churn:active" in users["keda"]
+
+
+def _projected(pod: dict, mount_path: str) -> tuple[dict, list[dict]]:
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_path]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return mount, volume["projected"]["sources"]
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_the_redis_url_names_the_redis_service(rendered, target):
+def test_api_keys_and_the_redis_url_are_required_files_from_secrets(rendered, target):
+    from serving.settings import SECRETS_DIR
+
     docs = rendered[target]
-    url = _settings(docs)["BANKCHURN_REDIS_URL"]
+    assert _settings(docs)["BANKCHURN_API_KEYS_FILE"] == f"{SECRETS_DIR}/api-keys"
+    assert "BANKCHURN_REDIS_URL" not in _settings(docs), "a URL with a password is no setting: it is a Secret"
+    for name in (APP, JOBS):
+        pod = _pod_spec_of(docs, "Deployment", name)
+        mount, sources = _projected(pod, str(SECRETS_DIR))
+        assert mount["readOnly"] is True
+        files = {(s["secret"]["name"], i["key"], i["path"]) for s in sources for i in s["secret"]["items"]}
+        assert files == {
+            ("bank-churn-api-keys", "api-keys", "api-keys"),
+            (REDIS, "BANKCHURN_REDIS_URL", "BANKCHURN_REDIS_URL"),
+        }
+        assert not [s for s in sources if s["secret"].get("optional")], "the pod must not start without them"
+        env = {e["name"] for e in pod["containers"][0].get("env", [])}
+        assert not env & {"BANKCHURN_REDIS_URL", "BANKCHURN_API_KEYS", "REDIS_PASSWORD"}
+    redis = _one(docs, "StatefulSet", REDIS)["spec"]["template"]["spec"]
+    (server,) = redis["containers"]
+    acl_file = server["args"][server["args"].index("--aclfile") + 1]
+    (mount,) = [m for m in server["volumeMounts"] if acl_file.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in redis["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == REDIS and not volume["secret"].get("optional")
+    assert volume["secret"]["items"] == [{"key": "users.acl", "path": acl_file.rsplit("/", 1)[1]}]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert (
+            "--user probe" in " ".join(server[probe]["exec"]["command"])
+            and "= PONG" in server[probe]["exec"]["command"][-1]
+        )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_redis_service_is_what_the_secret_names(rendered, target):
+    docs = rendered[target]
     service = _one(docs, "Service", REDIS)
-    assert url == f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
     assert service["spec"]["ports"][0]["port"] == REDIS_PORT
     assert service["spec"]["selector"] == {"app.kubernetes.io/name": REDIS}
     assert _one(docs, "StatefulSet", REDIS)["spec"]["serviceName"] == REDIS
+
+
+# Redis releases with the fixes for CVE-2025-49844, CVE-2025-46817, CVE-2025-46818 and
+# CVE-2025-46819, per release line: (major, minor) -> first fixed patch.
+REDIS_FIXED = {(7, 2): 11, (7, 4): 6, (8, 0): 4, (8, 2): 2}
+
+
+@pytest.mark.parametrize("target", [*TARGETS, *(f"gke-with-{c}" for c in COMPONENTS)])
+def test_every_image_runs_by_digest_and_redis_has_the_2025_cve_fixes(scanned, target):
+    for doc in scanned[target]:
+        pod = doc.get("spec", {}).get("template", {}).get("spec")
+        for container in (pod or {}).get("containers", []) + (pod or {}).get("initContainers", []):
+            image = container["image"]
+            assert re.search(r"@sha256:[0-9a-f]{64}$", image), (
+                f"{doc['kind']}/{doc['metadata']['name']}: {image} by tag"
+            )
+            if image.startswith("redis:"):
+                version = re.match(r"redis:(\d+)\.(\d+)\.(\d+)", image)
+                assert version, image
+                major, minor, patch = map(int, version.groups())
+                assert (major, minor) >= (8, 4) or patch >= REDIS_FIXED[(major, minor)], image
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -616,6 +742,10 @@ def test_no_selector_of_one_part_matches_the_pods_of_another(rendered, target):
         for d in docs
         if d["kind"] in ("Deployment", "StatefulSet")
     }
+    for d in docs:  # a CronJob's pods, by the part they belong to
+        if d["kind"] == "CronJob":
+            labels = d["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+            pods[labels["app.kubernetes.io/name"]] = labels
     selectors = [(d["kind"], d["metadata"]["name"], d["spec"]["selector"]) for d in docs if d["kind"] == "Service"]
     selectors += [
         (d["kind"], d["metadata"]["name"], d["spec"]["selector"]["matchLabels"])
@@ -642,9 +772,9 @@ def test_redis_is_persistent_non_root_and_reachable_only_by_our_pods(rendered, t
     args = redis["args"]
     assert args[args.index("--appendonly") + 1] == "yes", "jobs must survive a Redis restart"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction", "Redis must never drop a job's keys"
-    assert [m["mountPath"] for m in redis["volumeMounts"]] == [args[args.index("--dir") + 1]]
+    (data,) = [m for m in redis["volumeMounts"] if m["mountPath"] == args[args.index("--dir") + 1]]
     (claim,) = statefulset["volumeClaimTemplates"]
-    assert claim["metadata"]["name"] == redis["volumeMounts"][0]["name"]
+    assert claim["metadata"]["name"] == data["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     assert redis["securityContext"]["readOnlyRootFilesystem"] is True
     assert redis["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -653,7 +783,11 @@ def test_redis_is_persistent_non_root_and_reachable_only_by_our_pods(rendered, t
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"] and policy["egress"] == []
     (rule,) = policy["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": REDIS_PORT}]
-    assert sorted(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]) == [APP, JOBS]
+    assert sorted(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]) == [
+        APP,
+        JOBS,
+        MONITORING,
+    ]
     jobs_policy = _one(docs, "NetworkPolicy", JOBS)["spec"]
     assert {(p["protocol"], p["port"]) for r in jobs_policy["egress"] for p in r["ports"]} == {
         ("UDP", 53),
@@ -662,7 +796,7 @@ def test_redis_is_persistent_non_root_and_reachable_only_by_our_pods(rendered, t
     }
 
 
-def test_keda_component_scales_the_workers_on_the_saq_queue(rendered_components):
+def test_keda_component_scales_the_workers_on_the_saq_queue_logged_in_as_keda(rendered_components):
     import redis.asyncio
     from saq.queue.redis import RedisQueue
 
@@ -678,9 +812,21 @@ def test_keda_component_scales_the_workers_on_the_saq_queue(rendered_components)
     assert {t["metadata"]["listName"] for t in triggers} == {queue.namespace("queued"), queue.namespace("active")}
     service = f"{REDIS}.{NAMESPACE}.svc.cluster.local:{REDIS_PORT}"
     assert all(t["type"] == "redis" and t["metadata"]["address"] == service for t in triggers)
+    auth = _one(docs, "TriggerAuthentication", REDIS)["spec"]["secretTargetRef"]
+    assert {t["authenticationRef"]["name"] for t in triggers} == {REDIS}
+    secret_keys = set(_redis_secret())
+    assert {(a["parameter"], a["name"]) for a in auth} == {("username", REDIS), ("password", REDIS)}
+    assert {a["key"] for a in auth} <= secret_keys, "the keys deploy/redis-secret.sh makes"
+    # KEDA's operator (namespace keda) gets through Redis' NetworkPolicy, on 6379 only
+    (rule,) = _one(docs, "NetworkPolicy", REDIS)["spec"]["ingress"]
+    assert {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "keda-operator"}},
+    } in rule["from"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": REDIS_PORT}]
 
 
-def test_external_redis_component_swaps_the_in_cluster_redis_for_a_secret_url(rendered_components):
+def test_external_redis_component_swaps_the_in_cluster_redis_for_a_narrow_egress(rendered_components):
     from serving.settings import SECRETS_DIR
 
     docs = rendered_components["external-redis"]
@@ -688,13 +834,37 @@ def test_external_redis_component_swaps_the_in_cluster_redis_for_a_secret_url(re
     assert "BANKCHURN_REDIS_URL" not in _settings(docs), "an environment variable would win over the secret file"
     for name in (APP, JOBS):
         pod = _pod_spec_of(docs, "Deployment", name)
-        (container,) = pod["containers"]
-        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(SECRETS_DIR)]
-        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-        assert volume["secret"]["secretName"] == "bank-churn-redis-url" and mount["readOnly"] is True
+        _, sources = _projected(pod, str(SECRETS_DIR))
+        by_name = {s["secret"]["name"]: s["secret"] for s in sources}
+        assert by_name[REDIS]["items"] == [{"key": "BANKCHURN_REDIS_URL", "path": "BANKCHURN_REDIS_URL"}]
+        assert by_name["bank-churn-redis-ca"]["optional"] is True  # Memorystore's CA; ElastiCache needs none
         egress = _one(docs, "NetworkPolicy", name)["spec"]["egress"]
-        managed = [r for r in egress if any("ipBlock" in peer for peer in r.get("to", []))]
-        assert managed and {p["port"] for p in managed[0]["ports"]} == {6378, REDIS_PORT}
+        (managed,) = [r for r in egress if any("ipBlock" in peer for peer in r.get("to", []))]
+        assert managed["to"] == [{"ipBlock": {"cidr": "192.0.2.0/29"}}], "a documented placeholder, never a /8"
+        assert {p["port"] for p in managed["ports"]} == {6378, REDIS_PORT}
+
+
+def test_gke_serves_https_only_with_a_managed_certificate(rendered):
+    docs = rendered["gke"]
+    ingress = _one(docs, "Ingress")
+    certificate = _one(
+        docs, "ManagedCertificate", ingress["metadata"]["annotations"]["networking.gke.io/managed-certificates"]
+    )
+    assert certificate["spec"]["domains"], "a domain to certify"
+    frontend = _one(
+        docs, "FrontendConfig", ingress["metadata"]["annotations"]["networking.gke.io/v1beta1.FrontendConfig"]
+    )
+    assert frontend["spec"]["redirectToHttps"]["enabled"] is True and frontend["spec"]["sslPolicy"]
+    assert ingress["metadata"]["annotations"].get("kubernetes.io/ingress.allow-http") != "true"
+
+
+def test_eks_nlb_listens_with_tls_only_for_http_and_grpc(rendered):
+    service = _one(rendered["eks"], "Service")
+    annotations = service["metadata"]["annotations"]
+    assert annotations[NLB + "ssl-cert"].startswith("arn:aws:acm:")
+    listeners = sorted(p["port"] for p in service["spec"]["ports"])
+    assert listeners == [443, GRPC_PORT] == sorted(int(p) for p in annotations[NLB + "ssl-ports"].split(","))
+    assert 80 not in listeners, "nothing in the clear"
 
 
 # ---------------------------------------------------------------- static security scan

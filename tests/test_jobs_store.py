@@ -10,8 +10,16 @@ import pytest
 
 from harness.fleet import RedisServer
 from harness.servers import free_port
-from serving.jobs.manager import redis_client
-from serving.jobs.store import MemoryJobStore, RedisJobStore, StoreUnavailable, is_job_id, new_job_id
+from serving.jobs.redisconn import redis_client
+from serving.jobs.store import (
+    MemoryJobStore,
+    RedisJobStore,
+    StoreUnavailable,
+    is_job_id,
+    job_key,
+    job_ref,
+    new_job_id,
+)
 
 TTL = 120
 
@@ -35,9 +43,9 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def record(job_id: str, chunks: int = 2) -> dict[str, str]:
+def record(key: str, chunks: int = 2) -> dict[str, str]:
     return {
-        "job_id": job_id,
+        "ref": job_ref(key),
         "status": "queued",
         "rows_total": str(chunks * 10),
         "rows_done": "0",
@@ -50,20 +58,33 @@ def record(job_id: str, chunks: int = 2) -> dict[str, str]:
     }
 
 
-def test_job_ids_are_unguessable_and_checked():
+def test_job_ids_are_unguessable_and_checked_and_stored_only_as_their_hash():
     ids = {new_job_id() for _ in range(1000)}
     assert len(ids) == 1000 and all(is_job_id(i) for i in ids)
     for bad in ("", "x" * 21, "x" * 23, "../../etc/passwd/xx", "a b" + "c" * 19, "é" * 22):
         assert not is_job_id(bad)
+    job_id = next(iter(ids))
+    key = job_key(job_id)
+    assert len(key) == 64 and job_id not in key and job_ref(key) == key[:12]
+
+
+async def _new(store, chunks: int = 2, upload: tuple[bytes, ...] = (b"chunk 0", b"chunk 1")) -> str:
+    key = job_key(new_job_id())
+    for index, blob in enumerate(upload):
+        await store.stage_upload(key, index, blob)
+    await store.create(key, record(key, chunks))
+    await store.accept(key)
+    return key
 
 
 def test_a_job_is_scored_once_per_chunk_and_finishes_once(make_store):
     async def scenario():
         store = make_store()
-        job = new_job_id()
-        await store.create(job, record(job), b"csv bytes")
+        job = await _new(store)
         assert (await store.get(job))["status"] == "queued"
-        assert await store.upload(job) == b"csv bytes"
+        assert (await store.get(job))["accepted"] == "1"
+        assert [await store.upload_chunk(job, i) for i in (0, 1)] == [b"chunk 0", b"chunk 1"]
+        assert await store.live() == [job]
         assert await store.start(job, "w1") == ("running", 1)
         assert await store.write_chunk(job, 0, b"p0", b"", 10, 0, "bank_churn:v1")
         # a straggler writing the same chunk again changes nothing
@@ -77,27 +98,35 @@ def test_a_job_is_scored_once_per_chunk_and_finishes_once(make_store):
         assert await store.start(job, "w2") == ("completed", 0)
         got = await store.get(job)
         assert (got["rows_done"], got["rows_failed"], got["attempts"], got["worker"]) == ("20", "1", "1", "w1")
-        assert await store.upload(job) is None, "the upload must be deleted when the job ends"
+        assert await store.upload_chunk(job, 0) is None, "the upload must be deleted when the job ends"
+        assert await store.live() == [], "a finished job leaves the live set"
         assert [await store.read_chunk(job, i, "p") for i in (0, 1)] == [b"p0", b"p1"]
         assert await store.read_chunk(job, 1, "e") == b'{"row":11}'
+        assert await store.erase(job) and await store.get(job) is None, "erased: nothing is left"
+        with pytest.raises(KeyError):
+            await store.read_chunk(job, 0, "p")
+        assert not await store.erase(job)
         await store.close()
 
     run(scenario())
 
 
-def test_a_cancelled_job_refuses_further_chunks(make_store):
+def test_a_cancelled_job_refuses_further_chunks_and_its_partial_results_are_erased(make_store):
     async def scenario():
         store = make_store()
-        job = new_job_id()
-        await store.create(job, record(job), b"csv")
+        job = await _new(store)
         await store.start(job, "w1")
+        assert await store.write_chunk(job, 0, b"p0", b"", 10, 0, "bank_churn:v1")
         assert await store.cancel(job) == "cancelled"
-        assert not await store.write_chunk(job, 0, b"p0", b"", 10, 0, "bank_churn:v1")
+        assert not await store.write_chunk(job, 1, b"p1", b"", 10, 0, "bank_churn:v1")
+        with pytest.raises(KeyError):
+            await store.read_chunk(job, 0, "p")
+        assert (await store.get(job))["rows_done"] == "10", "the counts stay: they are not customer data"
         assert await store.cancel(job) == "cancelled"
         assert await store.finish(job, "completed") == "cancelled"
-        assert await store.upload(job) is None
+        assert await store.upload_chunk(job, 0) is None and await store.live() == []
         assert await store.start(job, "w2") == ("cancelled", 0)
-        assert await store.cancel(new_job_id()) == "missing"
+        assert await store.cancel(job_key(new_job_id())) == "missing"
         await store.close()
 
     run(scenario())
@@ -106,8 +135,7 @@ def test_a_cancelled_job_refuses_further_chunks(make_store):
 def test_a_job_scored_by_another_model_version_starts_over(make_store):
     async def scenario():
         store = make_store()
-        job = new_job_id()
-        await store.create(job, record(job), b"csv")
+        job = await _new(store)
         await store.start(job, "w1")
         assert await store.write_chunk(job, 0, b"p0", b"", 10, 0, "bank_churn:v1")
         assert not await store.write_chunk(job, 1, b"p1", b"", 10, 0, "bank_churn:v2"), "mixed model versions"
@@ -126,8 +154,11 @@ def test_a_job_scored_by_another_model_version_starts_over(make_store):
 def test_finished_jobs_expire_after_the_ttl(redis_server):
     async def scenario():
         store = RedisJobStore(redis_client(redis_server.url), ttl_s=TTL)
-        job = new_job_id()
-        await store.create(job, record(job, chunks=1), b"csv")
+        staged = job_key(new_job_id())
+        await store.stage_upload(staged, 0, b"never created")
+        assert 0 < await store.redis.ttl(store.keys(staged)[2]) <= 3600, "a staged upload expires soon"
+        job = await _new(store, chunks=1, upload=(b"c0",))
+        assert 0 < await store.redis.ttl(store.keys(job)[2]) <= TTL, "a created job's upload lives as long as the job"
         await store.start(job, "w1")
         await store.write_chunk(job, 0, b"p0", b"", 10, 0, "bank_churn:v1")
         await store.finish(job, "completed")
@@ -138,9 +169,11 @@ def test_finished_jobs_expire_after_the_ttl(redis_server):
 
     run(scenario())
 
-    embedded = MemoryJobStore(ttl_s=1)
-    job = new_job_id()
-    run(embedded.create(job, record(job), b"csv"))
+    async def embedded_scenario():
+        embedded = MemoryJobStore(ttl_s=1)
+        return await _new(embedded), embedded
+
+    job, embedded = run(embedded_scenario())
     time.sleep(1.1)
     assert run(embedded.get(job)) is None
 
@@ -150,7 +183,7 @@ def test_an_unreachable_redis_is_reported_quickly():
         store = RedisJobStore(redis_client(f"redis://127.0.0.1:{free_port()}/0"), TTL)
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="unreachable"):
-            await store.get(new_job_id())
+            await store.get(job_key(new_job_id()))
         return time.monotonic() - started
 
     assert run(scenario()) < 3

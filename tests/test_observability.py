@@ -36,7 +36,7 @@ def test_custom_metrics_move(server, trained):
     def delta(name, **labels):
         return metric(after, name, **labels) - metric(before, name, default=0.0, **labels)
 
-    assert delta("bank_churn_predictions_total") == 12  # 5 singles + 7 batch rows
+    assert delta("bank_churn_predictions_total") == 13  # 5 singles + 7 batch rows + 1 explained
     assert delta("bank_churn_batch_rows_sum") == 12 and delta("bank_churn_batch_rows_count") == 6
     for stage in ("validate", "featurize", "queue", "predict"):
         assert delta("bank_churn_stage_duration_seconds_count", stage=stage) >= 5, stage

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.pipeline import Pipeline
@@ -42,14 +43,46 @@ class _Timed(ClassifierMixin, BaseEstimator):
         return self.estimator_.predict(X)
 
 
-def _unwrap(pipeline: Pipeline) -> Pipeline:
+class _Capture(ClassifierMixin, BaseEstimator):
+    """Fit-time wrapper of the meta-learner that keeps what it was fitted on: the base
+    learners' out-of-fold probabilities (StackingClassifier's cross_val_predict). Removed after
+    fitting, like _Timed."""
+
+    def __init__(self, estimator=None):
+        self.estimator = estimator
+
+    def fit(self, X, y, **fit_params):
+        self.estimator_ = clone(self.estimator).fit(X, y, **fit_params)
+        self.classes_ = self.estimator_.classes_
+        self.X_meta_ = np.asarray(X)
+        return self
+
+    def predict_proba(self, X):
+        return self.estimator_.predict_proba(X)
+
+    def predict(self, X):
+        return self.estimator_.predict(X)
+
+
+class Fitted(NamedTuple):
+    pipeline: Pipeline
+    out_of_fold: np.ndarray  # P(churn) of each training row from learners that did not see it
+
+
+def _unwrap(pipeline: Pipeline) -> tuple[Pipeline, np.ndarray]:
     stack = pipeline.named_steps["stack"]
+    capture = stack.final_estimator_
+    # The stack's own out-of-fold predictions, the way it was trained: its meta-learner applied
+    # to the out-of-fold probabilities of base learners fitted without each row.
+    out_of_fold = capture.estimator_.predict_proba(capture.X_meta_)[:, 1]
+    stack.final_estimator_ = capture.estimator_
+    stack.final_estimator = capture.estimator
     stack.estimators_ = [w.estimator_ for w in stack.estimators_]
     stack.named_estimators_ = Bunch(
         **{name: est for (name, _), est in zip(stack.estimators, stack.estimators_, strict=False)}
     )
     stack.estimators = [(name, w.estimator) for name, w in stack.estimators]
-    return pipeline
+    return pipeline, out_of_fold
 
 
 def fit_pipeline(
@@ -59,12 +92,15 @@ def fit_pipeline(
     fast: bool = False,
     progress: Callable[[str], None] = print,
     params: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Pipeline:
-    """Fit the ensemble on X, y with the default hyperparameters overridden by `params`;
-    `progress` receives one line per learner fit and fold."""
+) -> Fitted:
+    """Fit the ensemble on X, y with the default hyperparameters overridden by `params`, and
+    keep its out-of-fold predictions of X (the drift reference's predictions); `progress`
+    receives one line per learner fit and fold."""
     global _listener
     learners = [(name, _Timed(est, name)) for name, est in build_base_learners(seed, fast, params)]
     pipeline = build_pipeline(seed, fast, base_learners=learners)
+    stack = pipeline.named_steps["stack"]
+    stack.final_estimator = _Capture(stack.final_estimator)
     folds = pipeline.named_steps["stack"].cv.get_n_splits()
     seen: Counter[str] = Counter()
 
@@ -79,4 +115,4 @@ def fit_pipeline(
         pipeline.fit(X, y)
     finally:
         _listener = None
-    return _unwrap(pipeline)
+    return Fitted(*_unwrap(pipeline))

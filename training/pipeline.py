@@ -13,7 +13,7 @@ import bentoml
 
 from models.ensemble import resolve_params
 from models.schema import FEATURE_NAMES, TARGET, schema_dict
-from models.store import COMPILED_FILE, library_versions, save_model
+from models.store import COMPILED_FILE, REFERENCE_FILE, library_versions, save_model
 from training.cv import cross_validate, cv_key, stored_estimate
 from training.data import DEFAULT_DATA, Splits, development_part, file_sha256, load_data, stratify_split
 from training.decision import CUSTOMER_VALUE, OFFER_COST, CostModel
@@ -145,6 +145,14 @@ def calibration_record(cv: dict[str, Any], test_brier: dict[str, float]) -> dict
     }
 
 
+def reference_frame(X: Any, y: Any, out_of_fold: Any) -> Any:
+    """The drift reference stored with the model: features, target and out-of-fold P(churn)."""
+    frame = X[list(FEATURE_NAMES)].reset_index(drop=True)
+    frame[TARGET] = y.to_numpy()
+    frame["churn_probability"] = out_of_fold
+    return frame
+
+
 def check_metadata(value: Any, path: str = "metadata") -> None:
     """The model store takes JSON-able values only, and no None; NaN would reach /model_card
     as invalid JSON. Raise naming the offending key instead."""
@@ -185,7 +193,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             f"{r['roc_auc'][r['stack_minus_best']['learner']]['mean']:.4f}"
         ),
     )
-    pipeline = stages.run(
+    pipeline, out_of_fold = stages.run(
         "fit", lambda: fit_pipeline(X_train, y_train, cfg.seed, cfg.fast, progress=log, params=params)
     )
     evaluation = stages.run(
@@ -198,7 +206,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     )
     plot_data = {k: evaluation.pop(k) for k in [k for k in evaluation if k.startswith("_")]}
 
-    extra_files: dict[str, bytes] = {}
+    # The drift reference: the rows the model learnt from and what the model says about rows it
+    # has not seen (its out-of-fold predictions; in-sample ones are overconfident).
+    reference = reference_frame(X_train, y_train, out_of_fold)
+    extra_files: dict[str, bytes] = {REFERENCE_FILE: reference.to_csv(index=False).encode()}
     compiled_info: dict[str, Any] = {"enabled": False}
     if cfg.compile:
         from models.onnx_session import CompiledModel
@@ -259,6 +270,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
         "library_versions": library_versions(),
         "compiled": compiled_info,
         "background_rows": len(background),
+        "reference": {
+            "file": REFERENCE_FILE,
+            "rows": len(reference),
+            "of": "the fit split (every row the model was fitted on), with the target",
+            "churn_probability": "the stack's out-of-fold predictions: its meta-learner on the out-of-fold "
+            "probabilities of base learners fitted without each row",
+        },
         "training_seconds": stages.timings,
     }
     check_metadata(metadata)

@@ -7,6 +7,7 @@ import random
 
 from starlette.types import Scope
 
+from serving import telemetry
 from serving.auth import PRINCIPAL_KEY
 from serving.logs import escape_controls
 
@@ -15,8 +16,10 @@ access_logger = logging.getLogger("bentoml.access.bank_churn")
 LOGGED_PATH_CHARS = 300
 
 
-def logged_path(path: str) -> str:
-    """The path as logged: on one line (a %0d%0a decoded by the server cannot forge a line), and short."""
+def logged_path(scope: Scope) -> str:
+    """The path as logged: secrets removed (a route's `log_path`, e.g. a job id), on one line
+    (a %0d%0a decoded by the server cannot forge a line), and short."""
+    path = telemetry.loggable_path(scope)
     if len(path) > LOGGED_PATH_CHARS:
         path = path[:LOGGED_PATH_CHARS] + "..."
     return escape_controls(path)
@@ -51,7 +54,7 @@ class AccessLog:
             client[1],
             scope.get("scheme", "http"),
             escape_controls(scope["method"]),
-            logged_path(scope["path"]),
+            logged_path(scope),
             status,
             seconds * 1000,
             f",key={principal.name}" if principal is not None else "",

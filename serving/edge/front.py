@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving import telemetry
+from serving import requestid, telemetry
 from serving.auth import OPEN, PRINCIPAL_KEY, KeyRing, required_scope
 from serving.edge.access import AccessLog
 from serving.edge.errors import HttpError
@@ -87,8 +87,9 @@ class RouteTable:
 
     def mount(self, prefix: str, app: ASGIApp) -> None:
         """Serve `prefix` and everything under it with `app`, an ASGI app that answers 404/405
-        itself. Optional attributes of `app`: `openapi_paths()` (merged into /docs.json) and
-        `route_label(scope)` (a low-cardinality label for metrics, e.g. '/jobs/{job_id}'). Mounting
+        itself. Optional attributes of `app`: `openapi_paths()` (merged into /docs.json),
+        `route_label(scope)` (a low-cardinality label for metrics, e.g. '/jobs/{job_id}') and
+        `log_path(path)` (the path as the access log and traces show it, secrets removed). Mounting
         a prefix again replaces its app (each service instance mounts its own; tests make several)."""
         prefix = prefix.rstrip("/")
         self.prefixes = [(p, a) for p, a in self.prefixes if p != prefix] + [(prefix, app)]
@@ -105,12 +106,6 @@ class RouteTable:
                 return (label(scope) if label else prefix), app
         return None
 
-    def label(self, scope: Scope) -> str:
-        """The metrics label of any request: its hot route's, BentoML's route, or OTHER_ROUTE."""
-        hit = self.match(scope)
-        if hit is not None:
-            return hit[0]
-        return scope["path"] if scope["path"] in self.bentoml_paths else OTHER_ROUTE
 
     def openapi_paths(self) -> dict[str, Any]:
         paths: dict[str, Any] = {}
@@ -128,6 +123,9 @@ class RouteTable:
         status = 500
         started = False
         timeout_s = getattr(app, "timeout_s", self.timeout_s)  # e.g. uploads take longer
+        log_path = getattr(app, "log_path", None)  # e.g. /jobs/{job_id}: the id is a secret
+        if log_path is not None:
+            scope[telemetry.LOG_PATH_KEY] = log_path(scope["path"])
 
         async def tracked_send(message: Message) -> None:
             nonlocal status, started
@@ -151,7 +149,7 @@ class RouteTable:
                         tracked_send, HttpError(504, f"Not able to process the request in {timeout_s:g} seconds")
                     )
             except Exception:
-                logger.exception("%s %s failed", scope["method"], scope["path"])
+                logger.exception("%s %s failed", scope["method"], telemetry.loggable_path(scope))
                 if not started:
                     await send_error(tracked_send, HttpError(500, "internal error; see the server log"))
             finally:
@@ -162,10 +160,20 @@ class RouteTable:
         self.access_log(scope, status, seconds)
 
     async def refuse(self, err: HttpError, scope: Scope, send: Send, start: float) -> None:
-        """Answer a request the edge itself refuses (key, limits), counted and logged."""
+        """Answer a request the edge itself refuses (key, limits), counted under its route (its
+        hot route's label, BentoML's route, or OTHER_ROUTE: the labels stay few) and logged as
+        its route logs it."""
         await send_error(send, err)
         seconds = time.perf_counter() - start
-        telemetry.record_request(self.label(scope), scope["method"], err.status, seconds)
+        hit = self.match(scope)
+        if hit is not None:
+            label = hit[0]
+            log_path = getattr(hit[1], "log_path", None)
+            if log_path is not None:
+                scope[telemetry.LOG_PATH_KEY] = log_path(scope["path"])
+        else:
+            label = scope["path"] if scope["path"] in self.bentoml_paths else OTHER_ROUTE
+        telemetry.record_request(label, scope["method"], err.status, seconds)
         self.access_log(scope, err.status, seconds)
 
     async def admit_to_bentoml(self, scope: Scope, receive: Receive) -> bytes:
@@ -183,21 +191,26 @@ class RouteTable:
 
 
 async def dispatch(app: ASGIApp, table: RouteTable, scope: Scope, receive: Receive, send: Send) -> None:
-    """Every request of the process: probes straight to BentoML; the rest admitted by the key
-    check, then a hot route, or BentoML's app behind the same admission rules."""
+    """Every request of the process gets an id (X-Request-Id); probes go straight to BentoML;
+    the rest are admitted by the key check, then a hot route, or BentoML's app behind the same
+    admission rules."""
     if scope["type"] != "http":
         await app(scope, receive, send)
         return
+    send = requestid.stamp(scope, send)
     start = time.perf_counter()
     telemetry.REQUEST_START.set(start)
     if scope["path"] in UNLOGGED_PATHS:
         await app(scope, receive, send)
         return
     try:
-        scope[PRINCIPAL_KEY] = table.guard.admit(scope)
+        principal = table.guard.admit(scope)
     except HttpError as err:
         await table.refuse(err, scope, send, start)
         return
+    if table.guard.enabled or PRINCIPAL_KEY not in scope:
+        # Without keys, a principal already on the scope (an in-process caller's) is kept.
+        scope[PRINCIPAL_KEY] = principal
     hit = table.match(scope)
     if hit is not None:
         await table.serve(hit[0], hit[1], scope, receive, send, start)

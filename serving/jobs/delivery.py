@@ -22,11 +22,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from serving import telemetry
+from serving.jobs.redisconn import DEQUEUE_TIMEOUT_S, store_errors
 
 logger = logging.getLogger("bentoml.service.bank_churn.jobs")
 
 JOB_FUNCTION = "score_csv"
 RunJob = Callable[[str], Awaitable[None]]
+# saq statuses of a job that a worker holds or will take
+LIVE_STATES = frozenset({"new", "queued", "active", "aborting"})
 
 
 class LocalDelivery:
@@ -44,21 +47,28 @@ class LocalDelivery:
 
     async def _work(self) -> None:
         while True:
-            job_id = await self._queue.get()
-            self._running[job_id] = asyncio.current_task()
+            key = await self._queue.get()
+            self._running[key] = asyncio.current_task()
             try:
-                await self._run(job_id)
+                await self._run(key)
             except Exception:
-                logger.exception("job %s failed unexpectedly", job_id)
+                logger.exception("a job failed unexpectedly")
             finally:
-                self._running.pop(job_id, None)
+                self._running.pop(key, None)
 
-    async def enqueue(self, job_id: str, ttl_s: int) -> None:
-        self._queue.put_nowait(job_id)
+    async def enqueue(self, key: str, ttl_s: int) -> bool:
+        self._queue.put_nowait(key)
+        return True
 
-    async def cancel(self, job_id: str) -> None:
+    async def cancel(self, key: str) -> None:
         # Nothing to interrupt: the store refuses a cancelled job's further chunks, so its run
         # stops at the next checkpoint, and a queued one is skipped when its turn comes.
+        return None
+
+    async def state(self, key: str) -> str | None:
+        return "active" if key in self._running else None
+
+    async def erase(self, key: str) -> None:
         return None
 
     async def depth(self) -> tuple[int, int]:
@@ -75,7 +85,7 @@ def _guard(queue: Any, name: str, empty: Any, pause: float = 0.0) -> None:
     (after `pause` seconds) instead of raising: saq's worker loops call these every second
     and would otherwise spin, and log a traceback per call, for the whole outage."""
     method = getattr(queue, name)
-    errors = _redis_errors()
+    errors = store_errors()
 
     async def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -92,18 +102,13 @@ def _guard(queue: Any, name: str, empty: Any, pause: float = 0.0) -> None:
     setattr(queue, name, guarded)
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    import redis.exceptions
-
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-
-
 class SaqDelivery:
     """Jobs delivered by saq over Redis (see the module docstring)."""
 
     def __init__(
         self,
         client: Any,
+        worker_client: Any,
         run: RunJob,
         *,
         queue_name: str,
@@ -116,6 +121,10 @@ class SaqDelivery:
         from saq.queue.redis import RedisQueue
 
         self.queue = RedisQueue(client, name=queue_name, swept_error_message="worker lost (heartbeat stale)")
+        # saq's worker loop on a queue of its own, over the worker client (long socket timeout)
+        self.worker_queue = RedisQueue(
+            worker_client, name=queue_name, swept_error_message="worker lost (heartbeat stale)"
+        )
         for name, empty, pause in (
             ("dequeue", None, 1.0),
             ("schedule", [], 0.0),
@@ -127,7 +136,7 @@ class SaqDelivery:
             ("_retry", None, 0.0),
             ("_finish", None, 0.0),
         ):
-            _guard(self.queue, name, empty, pause)
+            _guard(self.worker_queue, name, empty, pause)
         self._run = run
         self._heartbeat_s = heartbeat_s
         # One more saq retry than job attempts: the extra call finds the attempts used up and
@@ -136,14 +145,14 @@ class SaqDelivery:
         self.worker = None
         if workers > 0:
             self.worker = Worker(
-                self.queue,
+                self.worker_queue,
                 functions=[(JOB_FUNCTION, self._function)],
                 concurrency=workers,
                 # sweep: how often some worker of the fleet looks for jobs with a stale heartbeat
                 # (one at a time: saq takes a lock for the period); abort: how often a worker
                 # checks whether its running jobs were cancelled.
                 timers={"sweep": max(1, heartbeat_s // 2), "abort": 1, "schedule": 1, "worker_info": 10},
-                dequeue_timeout=5,
+                dequeue_timeout=DEQUEUE_TIMEOUT_S,
                 shutdown_grace_period_s=0,  # on stop, hand running jobs back at once (saq retries them)
             )
             # The server owns SIGTERM/SIGINT (uvicorn's graceful shutdown); saq must not take them.
@@ -152,34 +161,48 @@ class SaqDelivery:
 
     async def start(self) -> None:
         await self.queue.connect()
+        await self.worker_queue.connect()
         if self.worker is not None:
             self._worker_task = asyncio.create_task(self.worker.start(), name="saq-worker")
 
-    async def _function(self, ctx: dict[str, Any], *, job_id: str) -> None:
+    async def _function(self, ctx: dict[str, Any], *, key: str) -> None:
         job = ctx["job"]
 
         async def heartbeat() -> None:
             while True:
                 await asyncio.sleep(self._heartbeat_s / 3)
-                with contextlib.suppress(*_redis_errors()):
+                # a Redis that is down, full or read-only skips a beat; the loop goes on
+                with contextlib.suppress(*store_errors()):
                     await job.update()  # saq's heartbeat: keeps the job from being swept
 
         beating = asyncio.create_task(heartbeat())
         try:
-            await self._run(job_id)
+            await self._run(key)
         finally:
             beating.cancel()
 
-    async def enqueue(self, job_id: str, ttl_s: int) -> None:
+    async def enqueue(self, key: str, ttl_s: int) -> bool:
+        """Queue the job; False if saq still holds its key as incomplete (queued, active, or
+        a stale entry its sweep has yet to clear)."""
         from saq import Job
 
-        job = Job(JOB_FUNCTION, kwargs={"job_id": job_id}, key=job_id, ttl=ttl_s, **self._job_options)
-        await self.queue.enqueue(job)
+        job = Job(JOB_FUNCTION, kwargs={"key": key}, key=key, ttl=ttl_s, **self._job_options)
+        return await self.queue.enqueue(job) is not None
 
-    async def cancel(self, job_id: str) -> None:
-        job = await self.queue.job(job_id)
+    async def cancel(self, key: str) -> None:
+        job = await self.queue.job(key)
         if job is not None and job.status.value in ("new", "queued", "active"):
             await self.queue.abort(job, "cancelled by the client")
+
+    async def state(self, key: str) -> str | None:
+        """saq's status of the job (queued, active, complete, failed, aborted...), None if it
+        has no saq job (never queued, or its entry was lost)."""
+        job = await self.queue.job(key)
+        return None if job is None else job.status.value
+
+    async def erase(self, key: str) -> None:
+        """Drop saq's record of the job (it holds only the key, but an erased job leaves nothing)."""
+        await self.queue.redis.delete(self.queue.job_id(key))
 
     async def depth(self) -> tuple[int, int]:
         return await self.queue.count("queued"), await self.queue.count("active")
@@ -190,3 +213,4 @@ class SaqDelivery:
         if self._worker_task is not None:
             self._worker_task.cancel()
             await asyncio.gather(self._worker_task, return_exceptions=True)
+        await self.worker_queue.redis.aclose()

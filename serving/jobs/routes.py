@@ -1,32 +1,36 @@
-"""The /jobs HTTP edge (a hot route, see serving.edge): submit a CSV, poll, fetch, cancel.
+"""The /jobs HTTP edge (a hot route, see serving.edge): submit a CSV, poll, fetch, cancel, erase.
 
     POST   /jobs                  multipart file=@customers.csv (or a text/csv body) -> 202 {"job_id", "status"}
     GET    /jobs/{job_id}         -> the job's status and progress; 404 for an unknown id
     GET    /jobs/{job_id}/result  -> {"predictions": [...], "errors": [...], ...}; ?format=csv for CSV;
                                      409 while the job is not completed
-    DELETE /jobs/{job_id}         -> cancels a queued or running job; 409 if it already finished
+    DELETE /jobs/{job_id}         -> a queued or running job: cancelled (what it scored so far is erased);
+                                     a finished one: erased with its results (404 afterwards)
 
 Every answer but the streamed result is a small JSON body; errors are {"error": "..."}.
+
+With API keys (serving.auth), a job belongs to the key that created it: another key's job is
+answered exactly as an unknown id (404), so its existence is not revealed; a key with the
+`admin` scope may use any job. Without keys, the job id itself is the secret. Either way the
+id never reaches a log: log lines and the access log name a job by its ref (store.job_ref).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 from urllib.parse import parse_qs
 
-from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Receive, Scope, Send
 
+from serving.auth import PRINCIPAL_KEY
 from serving.concurrency import Overloaded
-from serving.edge import HttpError, media_type, overloaded, read_body, send_json
+from serving.edge import HttpError, overloaded, send_json
 from serving.jobs.csvfile import CsvRejected
-from serving.jobs.manager import JobManager, public
-from serving.jobs.store import ID_LENGTH, STATUSES, StoreUnavailable, is_job_id
+from serving.jobs.manager import JobManager, may_use, public
+from serving.jobs.store import ID_LENGTH, STATUSES, StoreUnavailable, is_job_id, job_key, job_ref
+from serving.jobs.upload import FILE_FIELD, UploadSlots, check_headers, receive_upload
 
 PREFIX = "/jobs"
-FILE_FIELD = "file"
 RETRY_LATER = {"Retry-After": "5"}
 
 
@@ -34,26 +38,12 @@ def _unavailable(exc: StoreUnavailable) -> HttpError:
     return HttpError(503, f"scoring jobs are unavailable right now: {exc}; retry later", headers=RETRY_LATER)
 
 
-async def _file_from_multipart(headers: Headers, body: bytes) -> tuple[bytes, str]:
-    async def stream():
-        yield body
-
-    try:
-        form = await MultiPartParser(headers, stream(), max_files=1, max_fields=10).parse()
-    except MultiPartException as exc:
-        raise HttpError(400, f"malformed multipart/form-data body: {exc.message}") from None
-    try:
-        part = form.get(FILE_FIELD)
-        if not isinstance(part, UploadFile):
-            names = ", ".join(repr(k[:40]) for k in form) or "none"
-            raise HttpError(
-                400,
-                f"multipart/form-data needs a file part named {FILE_FIELD!r} with a filename "
-                f"(curl -F {FILE_FIELD}=@customers.csv); parts sent: {names}",
-            )
-        return await part.read(), part.filename or "upload.csv"
-    finally:
-        await form.close()
+def log_path(path: str) -> str:
+    """The path as logs and traces may show it: the job id replaced by its ref."""
+    parts = path[len(PREFIX) :].split("/")
+    if len(parts) >= 2 and parts[1]:
+        parts[1] = "ref:" + job_ref(job_key(parts[1]))
+    return PREFIX + "/".join(parts)
 
 
 class JobRoutes:
@@ -62,10 +52,12 @@ class JobRoutes:
     # Uploads of up to BANKCHURN_MAX_UPLOAD_BYTES and streamed results take longer than an
     # online request's timeout; this bounds them instead.
     timeout_s = 300.0
+    log_path = staticmethod(log_path)
 
-    def __init__(self, manager: JobManager, max_upload_bytes: int):
+    def __init__(self, manager: JobManager, max_upload_bytes: int, max_concurrent_uploads: int = 2):
         self.manager = manager
         self.max_upload_bytes = max_upload_bytes
+        self.slots = UploadSlots(max_concurrent_uploads)
 
     @staticmethod
     def route_label(scope: Scope) -> str:
@@ -81,17 +73,21 @@ class JobRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         parts = scope["path"][len(PREFIX) :].strip("/").split("/")
         method = scope["method"]
+        principal = scope.get(PRINCIPAL_KEY)
         try:
             if parts == [""]:
                 _allow(method, "POST")
-                await self._submit(scope, receive, send)
+                await self._submit(scope, receive, send, principal)
             elif len(parts) == 1:
                 _allow(method, "GET", "DELETE")
                 job_id = _job_id(parts[0])
-                await (self._status if method == "GET" else self._cancel)(job_id, send)
+                if method == "GET":
+                    await self._status(job_id, principal, send)
+                else:
+                    await self._delete(job_id, principal, send)
             elif len(parts) == 2 and parts[1] == "result":
                 _allow(method, "GET")
-                await self._result(_job_id(parts[0]), scope, send)
+                await self._result(_job_id(parts[0]), principal, scope, send)
             else:
                 raise HttpError(404, f"no such path under {PREFIX}: see /docs.json")
         except StoreUnavailable as exc:
@@ -99,44 +95,41 @@ class JobRoutes:
         except Overloaded as exc:
             raise overloaded(exc) from None
 
-    async def _submit(self, scope: Scope, receive: Receive, send: Send) -> None:
-        media = media_type(scope)
-        if media not in ("multipart/form-data", "text/csv"):
-            raise HttpError(
-                415,
-                f"Content-Type {media[:50] or 'none'!r} is not supported here: send multipart/form-data with a "
-                f"file part named {FILE_FIELD!r} (curl -F {FILE_FIELD}=@customers.csv) or a text/csv body",
-            )
-        body = await read_body(scope, receive, self.max_upload_bytes)
-        if media == "text/csv":
-            data, filename = body, "upload.csv"
-        else:
-            headers = Headers(scope=scope)
-            # Parsed on a thread: a multipart body of many MiB would otherwise stall the loop.
-            data, filename = await asyncio.to_thread(lambda: asyncio.run(_file_from_multipart(headers, body)))
-        try:
-            job = await self.manager.submit(data, filename)
-        except CsvRejected as exc:
-            raise HttpError(exc.status, str(exc)) from None
+    async def _submit(self, scope: Scope, receive: Receive, send: Send, principal: Any) -> None:
+        check_headers(scope, self.max_upload_bytes)  # a request that cannot be read is told so, slots or not
+        with self.slots.take():
+            source, filename = await receive_upload(scope, receive, self.max_upload_bytes)
+            try:
+                job = await self.manager.submit(source, filename, principal.name if principal is not None else "")
+            except CsvRejected as exc:
+                raise HttpError(exc.status, str(exc)) from None
+            finally:
+                source.close()
         await send_json(send, 202, {"job_id": job["job_id"], "status": job["status"], "rows_total": job["rows_total"]})
 
-    async def _status(self, job_id: str, send: Send) -> None:
-        await send_json(send, 200, public(await self._record(job_id)))
+    async def _status(self, job_id: str, principal: Any, send: Send) -> None:
+        await send_json(send, 200, public(await self._record(job_id, principal), job_id))
 
-    async def _cancel(self, job_id: str, send: Send) -> None:
-        status, cancelled = await self.manager.cancel(job_id)
-        if status == "missing":
+    async def _delete(self, job_id: str, principal: Any, send: Send) -> None:
+        record = await self._record(job_id, principal)
+        if record["status"] in ("queued", "running"):
+            status, cancelled = await self.manager.cancel(job_id)
+            if cancelled:
+                await send_json(send, 200, public(await self._record(job_id, principal), job_id))
+                return
+            if status == "missing":
+                raise _not_found(job_id)
+        # finished (or it finished meanwhile): erase it and its results
+        if not await self.manager.erase(job_id):
             raise _not_found(job_id)
-        if not cancelled:
-            raise HttpError(409, f"job {job_id} already {status}; nothing to cancel", status=status)
-        await send_json(send, 200, public(await self._record(job_id)))
+        await send_json(send, 200, {"job_id": job_id, "erased": True, "status": record["status"]})
 
-    async def _result(self, job_id: str, scope: Scope, send: Send) -> None:
+    async def _result(self, job_id: str, principal: Any, scope: Scope, send: Send) -> None:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         fmt = (query.get("format") or ["json"])[-1].lower()
         if fmt not in ("json", "csv"):
             raise HttpError(400, f"format: {fmt[:20]!r} is not one of 'json', 'csv'")
-        record = await self._record(job_id)
+        record = await self._record(job_id, principal)
         if record["status"] != "completed":
             raise HttpError(
                 409,
@@ -150,19 +143,19 @@ class JobRoutes:
                 (b"content-type", b"text/csv; charset=utf-8"),
                 (b"content-disposition", f'attachment; filename="churn-{job_id}.csv"'.encode()),
             ]
-            parts = self.manager.result_csv(record)
+            parts = self.manager.result_csv(record, job_id)
         else:
             headers = [(b"content-type", b"application/json")]
-            parts = self.manager.result_json(record)
+            parts = self.manager.result_json(record, job_id)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         async for part in parts:
             await send({"type": "http.response.body", "body": part, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _record(self, job_id: str) -> dict[str, str]:
+    async def _record(self, job_id: str, principal: Any) -> dict[str, str]:
         record = await self.manager.status(job_id)
-        if record is None:
-            raise _not_found(job_id)
+        if record is None or not may_use(record, principal):
+            raise _not_found(job_id)  # another key's job: exactly as an unknown one
         return record
 
     def openapi_paths(self) -> dict[str, Any]:
@@ -203,6 +196,7 @@ _STATUS = {
         "started_at": {"type": "string", "format": "date-time"},
         "completed_at": {"type": "string", "format": "date-time"},
         "model_version": {"type": "string"},
+        "ref": {"type": "string", "description": "how the server's logs name this job (not its id)"},
         "worker": {"type": "string", "description": "host:pid of the worker running it (last)"},
         "attempts": {"type": "integer", "description": "runs of the job so far (more than 1: resumed)"},
         "error": {"type": "string"},
@@ -251,7 +245,10 @@ _OPENAPI: dict[str, Any] = {
                 "400": _answer("not a CSV the service can score (names what is wrong)"),
                 "413": _answer("the file is larger than BANKCHURN_MAX_UPLOAD_BYTES or has too many rows"),
                 "415": _answer("neither multipart/form-data nor text/csv"),
-                "503": _answer("the job store is unreachable; retry later"),
+                "503": _answer(
+                    "the job store is unreachable, full or read-only, or BANKCHURN_MAX_CONCURRENT_UPLOADS "
+                    "uploads are being received already; retry after Retry-After seconds"
+                ),
             },
         }
     },
@@ -264,12 +261,15 @@ _OPENAPI: dict[str, Any] = {
         },
         "delete": {
             "tags": ["Scoring jobs"],
-            "summary": "Cancel a queued or running job (its remaining rows are not scored)",
+            "summary": "Cancel a queued or running job, or erase a finished one with its results",
+            "description": "A queued or running job is cancelled: its remaining rows are not scored and "
+            "what it scored so far is erased; its status stays readable (cancelled) until it expires. "
+            "A finished job (completed, failed, cancelled) is erased at once with its results: "
+            "it is 404 afterwards.",
             "parameters": [_JOB_ID],
             "responses": {
-                "200": _answer("cancelled", _STATUS),
+                "200": _answer("cancelled (the job's status) or erased ({job_id, erased: true, status})", _STATUS),
                 "404": _answer("unknown job"),
-                "409": _answer("the job already finished"),
             },
         },
     },
@@ -285,7 +285,16 @@ _OPENAPI: dict[str, Any] = {
                 "200": {
                     "description": "predictions ({row, CustomerId?, churn_probability, will_churn}) and errors "
                     "({row, CustomerId?, error}); row is the 1-based data row of the uploaded file",
-                    "content": {"application/json": {"schema": {"type": "object"}}, "text/csv": {}},
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/csv": {
+                            "schema": {
+                                "type": "string",
+                                "description": "row,CustomerId,churn_probability,will_churn,error; a cell that "
+                                "starts with = + - @ tab or CR is prefixed with ' (spreadsheet formula injection)",
+                            }
+                        },
+                    },
                 },
                 "404": _answer("unknown job"),
                 "409": _answer("not completed (yet)"),

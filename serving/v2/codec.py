@@ -25,7 +25,7 @@ joins the batcher too.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
@@ -722,12 +722,12 @@ def describe_value_errors(errors: list[tuple[int, str, str]]) -> str:
 # ------------------------------------------------------------------ outputs
 
 
-def output_data(name: str, proba: np.ndarray | list[float], threshold: float) -> np.ndarray | list:
-    """An output's values: the probabilities, or the decisions at the threshold (a single
+def output_data(name: str, proba: np.ndarray | list[float], decide: Callable[[Any], Any]) -> np.ndarray | list:
+    """An output's values: the probabilities, or the decisions (the engine's `decide`; a single
     row's answer from the micro-batcher is a list, kept as one: no NumPy for one value)."""
     if name == OUTPUT_PROBABILITY:
         return proba
-    return [p >= threshold for p in proba] if type(proba) is list else proba >= threshold
+    return [decide(p) for p in proba] if type(proba) is list else decide(proba)
 
 
 def raw_output(name: str, data: np.ndarray | list) -> bytes:
@@ -736,7 +736,7 @@ def raw_output(name: str, data: np.ndarray | list) -> bytes:
 
 
 def encode_response(
-    request: InferRequest, proba: np.ndarray | list[float], threshold: float, head: dict[str, Any]
+    request: InferRequest, proba: np.ndarray | list[float], decide: Callable[[Any], Any], head: dict[str, Any]
 ) -> tuple[bytes, int | None]:
     """The REST answer: a JSON body (and None); or, when some outputs go binary, the JSON
     header followed by those outputs' bytes, and the header's length (for the
@@ -746,7 +746,7 @@ def encode_response(
     outputs = []
     blobs = []
     for name in request.outputs:
-        data = output_data(name, proba, threshold)
+        data = output_data(name, proba, decide)
         if name in request.binary:
             blob = raw_output(name, data)
             blobs.append(blob)

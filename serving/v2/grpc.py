@@ -37,7 +37,7 @@ from models.store import MODEL_NAME
 from serving import telemetry
 from serving.auth import PREDICT, AuthError, KeyRing, credential
 from serving.concurrency import Overloaded
-from serving.engine import Engine
+from serving.engine import V2_GRPC, Engine
 from serving.v2 import grpc_predict_v2_pb2 as pb
 from serving.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.v2.codec import (
@@ -232,9 +232,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 parsed = await self.engine.pool.run(self.decode, request)
             telemetry.record_since_request_start("validate")
             if parsed.row is not None:  # joins concurrent /predict calls in one model call
-                proba: Any = [await self.engine.predict_one(parsed.row)]
+                proba: Any = [await self.engine.predict_one(parsed.row, route=V2_GRPC)]
             else:
-                proba = await self.engine.predict_columns(parsed.numeric, parsed.categorical)
+                proba = await self.engine.predict_columns(parsed.numeric, parsed.categorical, route=V2_GRPC)
         except BadRequest as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
         except Overloaded as exc:
@@ -263,7 +263,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         rows = len(proba)
         for name in parsed.outputs:
             response.outputs.add(name=name, datatype=OUTPUTS[name], shape=(rows,))
-            response.raw_output_contents.append(raw_output(name, output_data(name, proba, self.engine.threshold)))
+            response.raw_output_contents.append(raw_output(name, output_data(name, proba, self.engine.decide)))
         return response
 
 

@@ -25,7 +25,7 @@ from models.store import MODEL_NAME
 from serving import telemetry
 from serving.concurrency import Overloaded
 from serving.edge import RETRY_AFTER, HttpError, overloaded, read_body, send_json
-from serving.engine import Engine
+from serving.engine import V2_INFER, Engine
 from serving.v2 import openapi
 from serving.v2.codec import (
     HEADER_INFERENCE_CONTENT_LENGTH,
@@ -206,14 +206,14 @@ class OpenInferenceApp:
                 request = await self.engine.pool.run(parse, *args)
             telemetry.record_since_request_start("validate")
             if request.row is not None:  # joins concurrent /predict calls in one model call
-                proba = [await self.engine.predict_one(request.row)]
+                proba = [await self.engine.predict_one(request.row, route=V2_INFER)]
             else:
-                proba = await self.engine.predict_columns(request.numeric, request.categorical)
+                proba = await self.engine.predict_columns(request.numeric, request.categorical, route=V2_INFER)
         except BadRequest as exc:
             raise HttpError(400, exc.message) from None
         except Overloaded as exc:
             raise overloaded(exc) from None
-        payload, header_length = encode_response(request, proba, self.engine.threshold, self.head)
+        payload, header_length = encode_response(request, proba, self.engine.decide, self.head)
         if header_length is None:
             await send_json(send, 200, payload)
         else:
