@@ -106,7 +106,6 @@ class RouteTable:
                 return (label(scope) if label else prefix), app
         return None
 
-
     def openapi_paths(self) -> dict[str, Any]:
         paths: dict[str, Any] = {}
         for _, app in [*self.exact.values(), *self.prefixes]:
