@@ -209,10 +209,10 @@ class KeyRing:
         which cost ~0.13 us per key on every request.
 
         A key found valid is remembered until the file changes, so that the requests after the
-        first skip the hash: /predict's req/s with a key went from ~0.95x to ~0.98x of without
-        (three servers sharing a core, benchmarks/security.py), more than the hash's own
-        ~0.4 us suggests. That lookup is by the whole key, so its time can only tell a client
-        whether the exact key it presents was used before."""
+        first skip the hash: hashing every request's key cost a few percent of /predict's req/s
+        under load (benchmarks/security.py), more than the hash's own ~0.4 us suggests. That
+        lookup is by the whole key, so its time can only tell a client whether the exact key it
+        presents was used before."""
         if key is None:
             raise AuthError(401, "missing", "this API needs a key: Authorization: Bearer <key> or X-API-Key: <key>")
         self.refresh()
