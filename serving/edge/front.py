@@ -4,16 +4,18 @@ passed to BentoML.
 BentoML wraps every request in its own ASGI middleware (OpenTelemetry spans, a timeout timer,
 the access log, Prometheus multiprocess metrics) before a user middleware sees it; profiled,
 that machinery, not the model, bounds a pod's request rate. So the front sits before it, and
-every request but the probes and the scrape passes the same steps, once:
+every request passes the same steps, once:
 
-1. the key check (Guard): 401/403 before anything else runs;
-2. a hot route (POST /predict, /v2, /jobs), answered here by a plain ASGI handler with what
-   operators need done cheaply: Prometheus metrics per route, a tracing span when tracing is
-   on, the request timeout;
-3. else BentoML's stack, after the same admission rules a hot handler applies (media type,
+1. its id (serving.requestid: the X-Request-Id header, every request, probes included);
+2. the key check (Guard): 401/403 before anything else runs (the probes and the scrape go
+   straight to BentoML from here);
+3. a hot route (POST /predict, POST /predict_batch, /v2, /jobs), answered here by a plain
+   ASGI handler with what operators need done cheaply: Prometheus metrics per route, a
+   tracing span when tracing is on, the request timeout;
+4. else BentoML's stack, after the same admission rules a hot handler applies (media type,
    encoding, body size, multipart form), its 400 bodies reworded to name each field, and
    /docs.json completed with the hot routes;
-4. the one access log (errors only by default; BentoML's own is off).
+5. the one access log (errors only by default; BentoML's own is off).
 
 How it gets in front: the table is registered with `add_asgi_middleware`, which BentoML
 places innermost; when the ASGI lifespan starts (before the server accepts a connection),
