@@ -132,10 +132,10 @@ format: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .venv-checkov .venv-clients .pytest_cache .ruff_cache build
 
-## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs, hostile uploads (memory), Redis faults, Spark, the prediction log's cost and the drift report's (needs a model trained with a drift reference).
+## Benchmarks (figures, not tests; each runs even if one before it printed a FAIL): in-process, HTTP (bare vs seeds' pattern vs ours, V2), the request path's profile, start-up (cold start and RSS vs a bare endpoint), scoring jobs, hostile uploads (memory), Redis faults, Spark, the prediction log's cost and the drift report's (needs a model trained with a drift reference), the cost of API keys and header limits and header attacks.
 bench: $(VENV)/.installed system-packages java
 	$(PY) -m training --if-missing
-	@failed=""; for b in inprocess http profile startup jobs uploads redis_faults spark monitoring; do \
+	@failed=""; for b in inprocess http profile startup jobs uploads redis_faults spark monitoring security; do \
 	  echo "== python -m benchmarks.$$b"; $(PY) -m benchmarks.$$b || failed="$$failed $$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "benchmarks with a FAIL verdict or an error:$$failed"; exit 1; fi

@@ -19,26 +19,32 @@ from starlette.responses import Response
 
 from models.schema import BatchValidationError, Customer, row_values, schema_dict
 from models.store import check_model, get_stored
-from serving import telemetry
+from serving import logs, telemetry
+from serving.auth import KEYS_FILE_ENV, load_keyring
 from serving.concurrency import Overloaded
+from serving.edge import HotRoutes, RouteTable, describe_validation_errors, error_response, overloaded, protocol
 from serving.engine import EXPLAIN, PREDICT, PREDICT_BATCH, Engine
-from serving.http import BodyLimitMiddleware, ValidationMessageMiddleware, describe_validation_errors, error_response
-from serving.online import PredictRoute, overloaded
-from serving.routes import HotRoutes, RouteTable
+from serving.online import PredictRoute
 from serving.settings import Settings
 
 logger = logging.getLogger("bentoml.service.bank_churn")
 settings = Settings()
-# The model is resolved and checked (schema, threshold, every file's SHA-256) when this module
-# is imported, on purpose: the `bentoml serve` arbiter imports it too, so a missing, corrupt or
-# mismatched model stops start-up at once with a clear message. (Failing later, in a worker,
-# makes the arbiter respawn the worker forever.) The check reads files but loads nothing: only
-# the worker loads the model, in __init__. ':latest' is pinned to one version here.
+# Log lines never carry a customer's values or a secret (serving.logs).
+logs.install(secrets=settings.secret_values())
+# The model and the API keys are resolved and checked when this module is imported, on
+# purpose: the `bentoml serve` arbiter imports it too, so a missing, corrupt or mismatched
+# model, or a keys file that is set but missing or invalid, stops start-up at once with a
+# clear message. (Failing later, in a worker, makes the arbiter respawn the worker forever.)
+# The check reads files but loads nothing: only the worker loads the model, in __init__.
+# ':latest' is pinned to one version here.
 STORED_MODEL = get_stored(settings.model_tag)
 check_model(STORED_MODEL)
-# The hot routes (serving.routes), answered in front of BentoML's middleware; filled in
-# __init__ (each worker process has one service instance).
-HOT_ROUTES = RouteTable()
+KEYRING = load_keyring(settings.api_keys_file)
+# The one HTTP edge (serving.edge): every request passes its key check, then a hot route
+# (filled in __init__: each worker process has one service instance) or BentoML's routes.
+HOT_ROUTES = RouteTable(KEYRING, settings.max_body_bytes)
+# Request headers bounded in size and time by the worker's HTTP server.
+protocol.install(settings.max_header_bytes, settings.header_timeout_s)
 
 
 class Contribution(BaseModel):
@@ -68,15 +74,16 @@ class BatchPrediction(BaseModel):
 
 
 # Request bodies: unknown top-level fields are refused (a typo such as "explian" must not be
-# silently ignored) and `explain` must be a JSON boolean.
+# silently ignored) and `explain` must be a JSON boolean. Validation errors never quote the
+# customer's values (BentoML logs them; serving.logs is the net for every other model).
 class PredictInput(bentoml.IODescriptor):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     customer: Customer  # type: ignore[valid-type]
     explain: bool = Field(False, strict=True, description="add per-feature contributions")
 
 
 class BatchInput(bentoml.IODescriptor):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     # Rows arrive as plain objects and are validated against the same Customer schema on the
     # inference pool: validating 1,000 rows takes ~7 ms, which on the event loop would stall
     # health checks behind every large batch (measured: 1.1 s probes).
@@ -88,12 +95,12 @@ class BatchInput(bentoml.IODescriptor):
 
 
 class ExplainInput(bentoml.IODescriptor):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     customer: Customer  # type: ignore[valid-type]
 
 
 class NoInput(bentoml.IODescriptor):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 @bentoml.service(
@@ -103,7 +110,7 @@ class NoInput(bentoml.IODescriptor):
     traffic={"timeout": settings.request_timeout_s},
     envs=[{"name": "OMP_NUM_THREADS", "value": "1"}],
     labels={"owner": "ml-platform", "project": "bank-churn"},
-    # One access log for every route, written by serving.routes with BANKCHURN_ACCESS_LOG's
+    # One access log for every route, written by serving.edge with BANKCHURN_ACCESS_LOG's
     # policy (errors only by default): BentoML's own costs a middleware pass per request.
     logging={"access": {"enabled": False}},
 )
@@ -139,7 +146,6 @@ class BankChurn:
         # The same protocol over gRPC on BANKCHURN_GRPC_PORT, started on this worker's loop (below).
         self.grpc = None
         if settings.grpc_port:
-            from serving.auth import load_keyring
             from serving.v2.grpc import GrpcServer, InferenceServicer
 
             servicer = InferenceServicer(
@@ -148,7 +154,7 @@ class BankChurn:
                 settings.max_batch_rows,
                 settings.request_timeout_s,
                 v2.server_version,
-                load_keyring(settings.api_keys_file),
+                KEYRING,  # the same keys as the HTTP edge
             )
             self.grpc = GrpcServer(
                 servicer, settings.grpc_host, settings.grpc_port, settings.max_body_bytes, 2 * settings.max_queue
@@ -165,6 +171,12 @@ class BankChurn:
         gc.freeze()
         self.ready = True
         logger.info("serving %s with %s (%s)", self.tag, self.predictor.backend, self.predictor.backend_reason)
+        if KEYRING is None:
+            logger.warning(
+                "authentication is OFF: %s is not set, so every API answers anyone who reaches this port", KEYS_FILE_ENV
+            )
+        else:
+            logger.info("authentication on: %d API keys from %s", len(KEYRING), KEYRING.path)
 
     # Async hooks run on the event loop; sync ones are sent to a worker thread first, which
     # under load made /readyz wait for CPU and the GIL (stress p95: 250 ms vs 9 ms for /livez).
@@ -269,5 +281,3 @@ def _shed(exc: Overloaded) -> Response:
 
 
 BankChurn.add_asgi_middleware(HotRoutes, table=HOT_ROUTES)
-BankChurn.add_asgi_middleware(ValidationMessageMiddleware)
-BankChurn.add_asgi_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

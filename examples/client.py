@@ -1,14 +1,16 @@
 """Calls every BentoML API of a running BankChurn service with BentoML's Python clients.
 
-python examples/client.py --url http://localhost:3000
+python examples/client.py --url http://localhost:3000 [--token KEY]
 
-(Scoring jobs are plain HTTP routes, not BentoML APIs: see examples/jobs.py.)
+With API keys on (BANKCHURN_API_KEYS_FILE), pass a key with the `predict` scope: --token, or
+the BANKCHURN_API_KEY environment variable. (Scoring jobs are plain HTTP routes, not BentoML APIs: see examples/jobs.py.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 import bentoml
 
@@ -26,8 +28,9 @@ CUSTOMER = {
 }
 
 
-def sync_examples(url: str) -> None:
-    with bentoml.SyncHTTPClient(url, server_ready_timeout=60, timeout=30) as client:
+def sync_examples(url: str, token: str | None = None) -> None:
+    # token= is sent as `Authorization: Bearer <token>` with every request
+    with bentoml.SyncHTTPClient(url, token=token, server_ready_timeout=60, timeout=30) as client:
         p = client.predict(customer=CUSTOMER)
         print(f"predict: p={p['churn_probability']:.4f} will_churn={p['will_churn']} model={p['model_version']}")
 
@@ -48,8 +51,8 @@ def sync_examples(url: str) -> None:
         )
 
 
-async def async_examples(url: str) -> None:
-    async with bentoml.AsyncHTTPClient(url, server_ready_timeout=60, timeout=30) as client:
+async def async_examples(url: str, token: str | None = None) -> None:
+    async with bentoml.AsyncHTTPClient(url, token=token, server_ready_timeout=60, timeout=30) as client:
         results = await asyncio.gather(*(client.predict(customer={**CUSTOMER, "Age": age}) for age in (25, 45, 65)))
         print("async predict:", [round(r["churn_probability"], 4) for r in results])
 
@@ -57,6 +60,7 @@ async def async_examples(url: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default="http://localhost:3000")
+    parser.add_argument("--token", default=os.environ.get("BANKCHURN_API_KEY"), help="an API key (predict scope)")
     args = parser.parse_args()
-    sync_examples(args.url)
-    asyncio.run(async_examples(args.url))
+    sync_examples(args.url, args.token)
+    asyncio.run(async_examples(args.url, args.token))

@@ -20,7 +20,6 @@ erase). Nothing is implied by another scope but `admin`, which includes `jobs`.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import re
@@ -62,13 +61,15 @@ class Principal:
 
 class AuthError(Exception):
     """A refused request: `status` 401 (no or unknown key) or 403 (a key without the scope);
-    `reason` labels the failure metric (missing, unknown, scope)."""
+    `reason` labels the failure metric (missing, unknown, scope); `principal` is the key's
+    holder when the key was valid (403), for the access log."""
 
-    def __init__(self, status: int, reason: str, message: str):
+    def __init__(self, status: int, reason: str, message: str, principal: Principal | None = None):
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.principal = principal
 
     @property
     def headers(self) -> dict[str, str]:
@@ -140,7 +141,10 @@ class KeyRing:
         self.path = Path(path)
         self.reload_check_s = reload_check_s
         self._lock = threading.Lock()
-        self._keys: tuple[tuple[bytes, Principal], ...] = ()
+        self._keys: dict[bytes, Principal] = {}  # SHA-256 digest of a key -> its holder
+        # Keys presented and found valid since the file was last read -> their holder: at most
+        # one entry per key of the file (only valid keys are remembered), emptied on reload.
+        self._seen: dict[str, Principal] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._load(initial=True)
@@ -173,7 +177,8 @@ class KeyRing:
             return
         if not keys and initial:
             raise KeyFileError(f"{KEYS_FILE_ENV}={self.path} holds no key: every request would be refused")
-        self._keys = tuple((bytes.fromhex(h), p) for h, p in keys.items())
+        self._keys = {bytes.fromhex(h): p for h, p in keys.items()}
+        self._seen = {}
         if not initial:
             logger.warning("API keys reloaded from %s: %d keys (%s)", self.path, len(keys), _names(self._keys))
         self._stamp = stamp
@@ -195,18 +200,31 @@ class KeyRing:
                 self._load()
 
     def authenticate(self, key: str | None) -> Principal:
-        """The principal of a presented key. Every stored digest is compared in constant time,
-        so the time taken says nothing about which key (or how much of one) matched."""
+        """The principal of a presented key, found by the key's SHA-256 in the table of stored
+        digests: one hash and one lookup, whatever the number of keys. No presented key is ever
+        compared with a stored one. All the lookup's time could reveal is how many leading bytes
+        of the presented key's digest equal a stored digest's (a dict compares hashes, then
+        bytes), and a client cannot steer a digest's bytes without SHA-256 preimages, so it says
+        nothing about any stored key: as safe as a constant-time comparison of every digest,
+        which cost ~0.13 us per key on every request.
+
+        A key found valid is remembered until the file changes, so that the requests after the
+        first skip the hash: hashing every request's key cost a few percent of /predict's req/s
+        under load (benchmarks/security.py), more than the hash's own ~0.4 us suggests. That
+        lookup is by the whole key, so its time can only tell a client whether the exact key it
+        presents was used before."""
         if key is None:
             raise AuthError(401, "missing", "this API needs a key: Authorization: Bearer <key> or X-API-Key: <key>")
         self.refresh()
-        presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for stored, principal in self._keys:
-            if hmac.compare_digest(stored, presented) and found is None:
-                found = principal
+        seen = self._seen.get(key)
+        if seen is not None:
+            return seen
+        keys = self._keys
+        found = keys.get(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest())
         if found is None:
             raise AuthError(401, "unknown", "unknown API key")
+        if keys is self._keys:  # not reloaded meanwhile
+            self._seen[key] = found
         return found
 
     def check(self, key: str | None, scope: str) -> Principal:
@@ -215,15 +233,17 @@ class KeyRing:
         try:
             principal = self.authenticate(key)
             if scope != AUTHENTICATED and not principal.may(scope):
-                raise AuthError(403, "scope", f"the key '{principal.name}' lacks the '{scope}' scope this API needs")
+                raise AuthError(
+                    403, "scope", f"the key '{principal.name}' lacks the '{scope}' scope this API needs", principal
+                )
         except AuthError as exc:
             telemetry.AUTH_FAILURES.labels(exc.reason).inc()
             raise
         return principal
 
 
-def _names(keys: tuple[tuple[bytes, Principal], ...]) -> str:
-    return ", ".join(sorted(p.name for _, p in keys)) or "none"
+def _names(keys: dict[bytes, Principal]) -> str:
+    return ", ".join(sorted(p.name for p in keys.values())) or "none"
 
 
 def load_keyring(path: str | os.PathLike | None) -> KeyRing | None:

@@ -1,4 +1,4 @@
-"""POST /predict_batch as a hot route (serving.routes): the same request model, answers and error
+"""POST /predict_batch as a hot route (serving.edge): the same request model, answers and error
 bodies as the BentoML API it stands in front of, at the model's own speed.
 
 A batch whose every row is valid (the usual case) is decoded by msgspec straight from its bytes
@@ -24,10 +24,16 @@ from starlette.types import Receive, Scope, Send
 from models.schema import BY_NAME, CATEGORICAL_FEATURES, FEATURE_NAMES, NUMERIC_FEATURES, BatchValidationError
 from serving import telemetry
 from serving.concurrency import Overloaded
+from serving.edge import (
+    HttpError,
+    describe_validation_errors,
+    media_type,
+    overloaded,
+    read_body,
+    send_json,
+    validation_error,
+)
 from serving.engine import PREDICT_BATCH, Engine
-from serving.http import describe_validation_errors
-from serving.online import overloaded, validation_error
-from serving.routes import HttpError, media_type, read_body, send_json
 
 # Bodies up to this size are decoded on the event loop (a 50-row batch is ~10 KiB), bigger ones
 # on the engine's pool: decoding 10,000 rows takes ~10 ms, which would hold up every request.

@@ -1,6 +1,6 @@
 """The engine: the loaded model and what runs it, the one door every prediction passes.
 
-BentoML's APIs (/predict_batch, /explain, in-process /predict), the hot routes (/predict),
+BentoML's APIs (/predict_batch, /explain, in-process /predict), the hot routes (/predict, serving.edge),
 the Open Inference Protocol routes and the scoring jobs all score through one Engine per
 process, and only here: the model call, the decision (`decide`: p >= threshold, written
 once), the prediction metrics and the prediction log. Online work runs on one bounded

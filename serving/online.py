@@ -1,4 +1,4 @@
-"""POST /predict as a hot route (serving.routes): same request model, same answers and the
+"""POST /predict as a hot route (serving.edge): same request model, same answers and the
 same error bodies as the BentoML API it stands in front of, without BentoML's per-request
 machinery. The BentoML API stays declared, so /docs.json, /schema.json and BentoML's Python
 clients see /predict as before; the BentoML implementation answers in-process calls."""
@@ -14,25 +14,8 @@ from starlette.types import Receive, Scope, Send
 from models.schema import row_values
 from serving import telemetry
 from serving.concurrency import Overloaded
+from serving.edge import media_type, overloaded, read_body, send_json, validation_error
 from serving.engine import PREDICT, Engine
-from serving.http import describe_validation_errors
-from serving.routes import HttpError, media_type, read_body, send_json
-
-RETRY_AFTER = {"Retry-After": "1"}
-
-
-def validation_error(exc: pydantic.ValidationError) -> HttpError:
-    """400 naming each bad field and what it allows, shaped like BentoML's validation answers."""
-    detail = exc.errors(include_input=False, include_context=False)
-    messages = describe_validation_errors(detail)
-    message = "; ".join(messages[:10]) + (f" (and {len(messages) - 10} more)" if len(messages) > 10 else "")
-    return HttpError(400, message, detail=detail)
-
-
-def overloaded(exc: Overloaded) -> HttpError:
-    """503 + Retry-After at once, counted, instead of letting the request time out."""
-    telemetry.SHED.inc()
-    return HttpError(503, f"overloaded: {exc}; retry later", headers=RETRY_AFTER)
 
 
 class PredictRoute:

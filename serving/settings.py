@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.store import DEFAULT_MODEL_TAG
@@ -15,11 +16,19 @@ from models.store import DEFAULT_MODEL_TAG
 # /run/secrets/bank-churn/BANKCHURN_REDIS_URL for a managed Redis whose URL holds a password.
 # Environment variables win over these files.
 SECRETS_DIR = Path(os.environ.get("BANKCHURN_SECRETS_DIR", "/run/secrets/bank-churn"))
+ENV_PREFIX = "BANKCHURN_"
+# Marks a setting whose value may hold a secret: never shown in errors, logs or repr().
+SECRET: dict[str, Any] = {"secret": True}
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names each variable and what it needs, and
+    never shows a secret setting's value."""
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="BANKCHURN_", extra="ignore", secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None
+        env_prefix=ENV_PREFIX, extra="ignore", secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None
     )
 
     model_tag: str = Field(DEFAULT_MODEL_TAG, description="model-store tag to serve")
@@ -33,6 +42,15 @@ class Settings(BaseSettings):
     max_explain_queue: int = Field(16, ge=1, description="queued explanations beyond which requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="per-request timeout (504 after it)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1024 * 1024, description="request line and headers above this get 431"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="a connection that has not sent a request's whole headers in this time is closed",
+    )
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="CSV uploads above this get 413")
     max_csv_rows: int = Field(200_000, ge=1, description="row limit of a CSV scoring job")
     max_concurrent_uploads: int = Field(
@@ -69,6 +87,7 @@ class Settings(BaseSettings):
         pattern=r"^(redis|rediss|unix)://",
         description="jobs queue and result store shared by every replica (redis://[[user]:password@]host:port/db; "
         "rediss:// for TLS); unset = an embedded store in this process (single replica only)",
+        json_schema_extra=SECRET,  # redis://:password@host
     )
     redis_ca_file: Path | None = Field(
         None,
@@ -113,6 +132,7 @@ class Settings(BaseSettings):
         None,
         pattern=r"^(redis|rediss|unix)://",
         description="Redis of the stream sink (unset: BANKCHURN_REDIS_URL, the jobs' Redis)",
+        json_schema_extra=SECRET,
     )
     prediction_log_stream: str = Field(
         "bank_churn:predictions", pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="stream key of the Redis sink"
@@ -145,3 +165,69 @@ class Settings(BaseSettings):
             if not self.redis_ca_file.is_file():
                 raise ValueError(f"BANKCHURN_REDIS_CA_FILE={self.redis_ca_file}: no such file")
         return self
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            # pydantic's own message quotes every input (input_value=...), a Redis URL's
+            # password included; this one names the variable and the rule.
+            raise SettingsError(_describe(exc)) from None
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name in secret_fields() and isinstance(value, str) else value
+
+    def secret_values(self) -> list[str]:
+        """What must never be shown: each secret setting's value and the password in it."""
+        out = []
+        for name in secret_fields():
+            value = getattr(self, name, None)
+            if isinstance(value, str) and value:
+                out.append(value)
+                password = _password(value)
+                if password:
+                    out.append(password)
+        return out
+
+
+def secret_fields() -> frozenset[str]:
+    return frozenset(
+        name for name, field in Settings.model_fields.items() if (field.json_schema_extra or {}).get("secret")
+    )
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def redact_url(url: str) -> str:
+    """redis://user:***@host:6379/0: a URL with its password (whatever precedes the last '@'
+    of its authority, when the URL cannot be parsed) masked."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, userinfo = head.partition("://")
+    if not sep:
+        return "***@" + tail
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{scheme}://{user}:***@{tail}"
+
+
+def _describe(exc: ValidationError) -> str:
+    hidden = secret_fields()
+    lines = []
+    for err in exc.errors(include_url=False, include_context=False):
+        name = str(err["loc"][0]) if err.get("loc") else ""
+        if not name:  # a rule across settings: its input is all of them, never shown
+            lines.append(err["msg"].removeprefix("Value error, "))
+            continue
+        if name in hidden:
+            shown = "(value not shown: it may hold a password)"
+        else:
+            shown = f"(got {str(err.get('input', ''))[:80]!r})"
+        lines.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']} {shown}")
+    return "invalid settings: " + "; ".join(lines)

@@ -41,9 +41,17 @@ AUTH_FAILURES = Counter(
     "Requests refused by API-key checks, by reason: missing, unknown, scope",
     ["reason"],
 )
-# The hot routes (serving.routes) bypass BentoML's own request metrics; these replace them.
+HEADER_REFUSALS = Counter(
+    f"{PREFIX}_http_header_refusals_total",
+    "Connections closed before their request's headers were complete: too_large (431), timeout (408 or none)",
+    ["reason"],
+)
+# The hot routes (serving.edge) bypass BentoML's own request metrics; these replace them, and
+# count what the edge refuses before BentoML sees it (keys, limits).
 HTTP_REQUESTS = Counter(
-    f"{PREFIX}_http_requests_total", "Requests answered by the hot routes", ["route", "method", "status"]
+    f"{PREFIX}_http_requests_total",
+    "Requests answered by the hot routes or refused by the edge",
+    ["route", "method", "status"],
 )
 HTTP_IN_PROGRESS = Gauge(
     f"{PREFIX}_http_requests_in_progress",
@@ -169,6 +177,10 @@ class stage:
 def record_request(route: str, method: str, status: int, seconds: float) -> None:
     _child(HTTP_REQUESTS, route, method, str(status)).inc()
     _child(HTTP_SECONDS, route).observe(seconds)
+
+
+def count_header_refusal(reason: str) -> None:
+    _child(HEADER_REFUSALS, reason).inc()
 
 
 def record_grpc(method: str, code: str, seconds: float) -> None:

@@ -20,7 +20,7 @@ from models.schema import (
     NUMERIC_FEATURES,
     Customer,
 )
-from serving.http import describe_validation_errors
+from serving.edge import describe_validation_errors
 
 
 def columns(rows: list[dict]) -> dict[str, np.ndarray]:

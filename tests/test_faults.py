@@ -496,7 +496,7 @@ def test_big_batch_flood_answers_200_or_503_only(fleet, batch_flood, expected, t
 TIMEOUT_BURSTS = {
     # name: (path, body, concurrent clients)
     "explain-x60": ("/explain", "one", 60),
-    # the hot route (serving.routes) keeps its own timer, in front of BentoML's
+    # the hot route (serving.edge) keeps its own timer, in front of BentoML's
     "predict-explained-x60": ("/predict", "explained", 60),
     "predict_batch-10k-x6": ("/predict_batch", "batch10k", 6),
 }

@@ -12,10 +12,10 @@ import pytest
 from models.predictor import load_predictor
 from models.schema import EXAMPLE_CUSTOMER, FEATURE_NAMES
 from serving.auth import PRINCIPAL_KEY, Principal
+from serving.edge import RouteTable, dispatch
 from serving.engine import Engine
 from serving.jobs.manager import JobManager
 from serving.jobs.routes import JobRoutes
-from serving.routes import RouteTable, dispatch
 from serving.settings import Settings
 
 PRINCIPALS = {

@@ -1,4 +1,4 @@
-"""The hot routes in front of BentoML's middleware (serving.routes): the same answers as the
+"""The hot routes in front of BentoML's middleware (serving.edge): the same answers as the
 BentoML API they stand in for, and the metrics, access log and spans operators rely on."""
 
 from __future__ import annotations

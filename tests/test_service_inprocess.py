@@ -80,7 +80,7 @@ def test_tracing_is_off_by_default_and_spans_each_stage_when_on(client):
 
 
 def test_hot_route_spans_continue_the_callers_trace(client):
-    """POST /predict is answered in front of BentoML's middleware (serving.routes): its server
+    """POST /predict is answered in front of BentoML's middleware (serving.edge): its server
     span continues the caller's W3C trace and every stage span nests under it."""
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 

@@ -1,4 +1,4 @@
-"""The /jobs HTTP edge (a hot route, see serving.routes): submit a CSV, poll, fetch, cancel, erase.
+"""The /jobs HTTP edge (a hot route, see serving.edge): submit a CSV, poll, fetch, cancel, erase.
 
     POST   /jobs                  multipart file=@customers.csv (or a text/csv body) -> 202 {"job_id", "status"}
     GET    /jobs/{job_id}         -> the job's status and progress; 404 for an unknown id
@@ -24,12 +24,11 @@ from starlette.types import Receive, Scope, Send
 
 from serving.auth import PRINCIPAL_KEY
 from serving.concurrency import Overloaded
+from serving.edge import HttpError, overloaded, send_json
 from serving.jobs.csvfile import CsvRejected
 from serving.jobs.manager import JobManager, may_use, public
 from serving.jobs.store import ID_LENGTH, STATUSES, StoreUnavailable, is_job_id, job_key, job_ref
 from serving.jobs.upload import FILE_FIELD, UploadSlots, check_headers, receive_upload
-from serving.online import overloaded
-from serving.routes import HttpError, send_json
 
 PREFIX = "/jobs"
 RETRY_LATER = {"Retry-After": "5"}

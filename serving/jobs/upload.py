@@ -23,7 +23,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope
 
-from serving.routes import HttpError, header, media_type
+from serving.edge import HttpError, header, media_type
 
 FILE_FIELD = "file"
 BUFFER_BYTES = 1 << 20

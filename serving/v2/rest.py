@@ -1,4 +1,4 @@
-"""The Open Inference Protocol (KServe V2) REST API under /v2, as a hot route (serving.routes).
+"""The Open Inference Protocol (KServe V2) REST API under /v2, as a hot route (serving.edge).
 
     GET  /v2                                   server metadata
     GET  /v2/health/live                       liveness
@@ -24,9 +24,8 @@ from starlette.types import Receive, Scope, Send
 from models.store import MODEL_NAME
 from serving import telemetry
 from serving.concurrency import Overloaded
+from serving.edge import RETRY_AFTER, HttpError, overloaded, read_body, send_json
 from serving.engine import V2_INFER, Engine
-from serving.online import RETRY_AFTER, overloaded
-from serving.routes import HttpError, read_body, send_json
 from serving.v2 import openapi
 from serving.v2.codec import (
     HEADER_INFERENCE_CONTENT_LENGTH,
