@@ -20,6 +20,7 @@ erase). Nothing is implied by another scope but `admin`, which includes `jobs`.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -142,9 +143,6 @@ class KeyRing:
         self.reload_check_s = reload_check_s
         self._lock = threading.Lock()
         self._keys: dict[bytes, Principal] = {}  # SHA-256 digest of a key -> its holder
-        # Keys presented and found valid since the file was last read -> their holder: at most
-        # one entry per key of the file (only valid keys are remembered), emptied on reload.
-        self._seen: dict[str, Principal] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._load(initial=True)
@@ -178,7 +176,6 @@ class KeyRing:
         if not keys and initial:
             raise KeyFileError(f"{KEYS_FILE_ENV}={self.path} holds no key: every request would be refused")
         self._keys = {bytes.fromhex(h): p for h, p in keys.items()}
-        self._seen = {}
         if not initial:
             logger.warning("API keys reloaded from %s: %d keys (%s)", self.path, len(keys), _names(self._keys))
         self._stamp = stamp
@@ -200,31 +197,20 @@ class KeyRing:
                 self._load()
 
     def authenticate(self, key: str | None) -> Principal:
-        """The principal of a presented key, found by the key's SHA-256 in the table of stored
-        digests: one hash and one lookup, whatever the number of keys. No presented key is ever
-        compared with a stored one. All the lookup's time could reveal is how many leading bytes
-        of the presented key's digest equal a stored digest's (a dict compares hashes, then
-        bytes), and a client cannot steer a digest's bytes without SHA-256 preimages, so it says
-        nothing about any stored key: as safe as a constant-time comparison of every digest,
-        which cost ~0.13 us per key on every request.
-
-        A key found valid is remembered until the file changes, so that the requests after the
-        first skip the hash: hashing every request's key cost a few percent of /predict's req/s
-        under load (benchmarks/security.py), more than the hash's own ~0.4 us suggests. That
-        lookup is by the whole key, so its time can only tell a client whether the exact key it
-        presents was used before."""
+        """The principal of a presented key. Its SHA-256 is compared with every stored digest,
+        each comparison in constant time and none cut short, so the time taken says nothing
+        about which key matched or how much of one. (~0.13 us a stored key: 20 keys cost ~1% of
+        a /predict's CPU.) Presented keys are never kept."""
         if key is None:
             raise AuthError(401, "missing", "this API needs a key: Authorization: Bearer <key> or X-API-Key: <key>")
         self.refresh()
-        seen = self._seen.get(key)
-        if seen is not None:
-            return seen
-        keys = self._keys
-        found = keys.get(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest())
+        presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        found = None
+        for stored, principal in self._keys.items():
+            if hmac.compare_digest(stored, presented) and found is None:
+                found = principal
         if found is None:
             raise AuthError(401, "unknown", "unknown API key")
-        if keys is self._keys:  # not reloaded meanwhile
-            self._seen[key] = found
         return found
 
     def check(self, key: str | None, scope: str) -> Principal:

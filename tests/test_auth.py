@@ -235,17 +235,3 @@ def test_the_command_prints_the_key_once_and_a_line_that_checks(tmp_path):
     assert check.returncode == 0 and "1 keys: crm" in check.stdout
     bad = subprocess.run([*run, "new", "--name", "crm", "--scopes", "read"], capture_output=True, text=True)
     assert bad.returncode == 2 and "scopes are" in bad.stderr
-
-
-def test_a_key_found_valid_is_remembered_until_the_file_changes(ring):
-    """The hash is skipped for a key seen valid; a removed key is refused once the file is read again."""
-    assert ring.check(CRM, PREDICT).name == "crm"
-    assert set(ring._seen) == {CRM}
-    with pytest.raises(AuthError):
-        ring.check("bck_never-valid", PREDICT)
-    assert set(ring._seen) == {CRM}  # only valid keys are remembered: at most one entry per key
-    ring.path.write_text(f"etl:jobs:{digest(ETL)}\n")
-    os.utime(ring.path, ns=(1, 4 * 10**18))
-    with pytest.raises(AuthError) as info:
-        ring.check(CRM, PREDICT)
-    assert info.value.reason == "unknown" and ring._seen == {}
