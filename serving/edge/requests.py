@@ -7,6 +7,7 @@ than the limit is ever held; compressed bodies are refused (nothing decodes them
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import anyio
 from starlette.datastructures import Headers, UploadFile
@@ -38,9 +39,8 @@ def check_encoding(scope: Scope) -> None:
         raise HttpError(415, f"Content-Encoding {encoding[:50]!r} is not supported; send the body uncompressed")
 
 
-async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole body, refusing more than `limit` bytes (413) whatever the headers claim, and
-    a body the client stopped sending (400)."""
+def check_declared_length(scope: Scope, limit: int) -> None:
+    """Refuse a body its Content-Length declares too big (413) before reading a byte of it."""
     length = header(scope, b"content-length")
     if length is not None and header(scope, b"transfer-encoding") is None:
         try:
@@ -49,7 +49,12 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise HttpError(400, "invalid Content-Length header") from None
         if declared > limit:
             raise HttpError(413, f"request body larger than {limit} bytes")
-    chunks: list[bytes] = []
+
+
+async def body_chunks(scope: Scope, receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    """The body as it arrives, refusing more than `limit` bytes (413) whatever the headers claim
+    (a chunked body has no Content-Length), and a body the client stopped sending (400)."""
+    check_declared_length(scope, limit)
     size = 0
     while True:
         message = await receive()
@@ -60,9 +65,15 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise HttpError(413, f"request body larger than {limit} bytes")
-        chunks.append(chunk)
+        yield chunk
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return
+
+
+async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole body, within `limit` (see body_chunks)."""
+    chunks = [chunk async for chunk in body_chunks(scope, receive, limit)]
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

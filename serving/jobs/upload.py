@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import IO
 
 from python_multipart.exceptions import FormParserError
@@ -24,6 +24,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope
 
 from serving.edge import HttpError, header, media_type
+from serving.edge.requests import body_chunks, check_declared_length, check_encoding
 
 FILE_FIELD = "file"
 BUFFER_BYTES = 1 << 20
@@ -78,29 +79,10 @@ class _Sink:
         return self.file
 
 
-async def _body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives, refusing more than `limit` bytes (413) whatever the
-    headers claim (a chunked body has no Content-Length)."""
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise HttpError(400, "client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"request body larger than {limit} bytes")
-        yield chunk
-        if not message.get("more_body", False):
-            return
-
-
 def check_headers(scope: Scope, limit: int) -> str:
     """The upload's media type, after refusing what cannot be read: compressed bodies (415),
     other media types (415), a declared length over the limit (413, before reading)."""
-    encoding = (header(scope, b"content-encoding") or "").strip().lower()
-    if encoding not in ("", "identity"):
-        raise HttpError(415, f"Content-Encoding {encoding[:50]!r} is not supported; send the body uncompressed")
+    check_encoding(scope)
     media = media_type(scope)
     if media not in ("multipart/form-data", "text/csv"):
         raise HttpError(
@@ -108,14 +90,7 @@ def check_headers(scope: Scope, limit: int) -> str:
             f"Content-Type {media[:50] or 'none'!r} is not supported here: send multipart/form-data with a "
             f"file part named {FILE_FIELD!r} (curl -F {FILE_FIELD}=@customers.csv) or a text/csv body",
         )
-    length = header(scope, b"content-length")
-    if length is not None and header(scope, b"transfer-encoding") is None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise HttpError(400, "invalid Content-Length header") from None
-        if declared > limit:
-            raise HttpError(413, f"request body larger than {limit} bytes")
+    check_declared_length(scope, limit)
     return media
 
 
@@ -126,14 +101,14 @@ async def receive_upload(scope: Scope, receive: Receive, limit: int) -> tuple[IO
     sink = _Sink()
     try:
         if media == "text/csv":
-            async for chunk in _body(receive, limit):
+            async for chunk in body_chunks(scope, receive, limit):
                 sink.add(chunk)
                 await sink.drain()
             return await sink.finish(), "upload.csv"
         parts = _FileParts(sink)
         parser = parts.parser(header(scope, b"content-type") or "")
         try:
-            async for chunk in _body(receive, limit):
+            async for chunk in body_chunks(scope, receive, limit):
                 parser.write(chunk)
                 await sink.drain()
             parser.finalize()

@@ -213,7 +213,7 @@ def requested_outputs(outputs: Any, binary_default: bool = False) -> tuple[tuple
         if unknown:
             raise _bad(f"outputs[{i}]: unknown field {_quote(sorted(unknown)[0])} (allowed: name, parameters)")
         name = output.get("name")
-        if type(name) is not str or name not in OUTPUTS:  # (a dict is no key: found by the fuzzing)
+        if type(name) is not str or name not in OUTPUTS:  # an unhashable name (a dict) is no output either
             raise _bad(f"outputs[{i}]: unknown output {_quote(name)} (outputs: {', '.join(OUTPUTS)})")
         if name in names:
             raise _bad(f"output '{name}' is requested twice")
