@@ -124,9 +124,9 @@ class BankChurn:
         # Imported here, in the worker: the arbiter imports this module only to check the model
         # (above), and NumPy would add ~170 modules and ~0.3 s to the start of every pod.
         from models.predictor import load_predictor
-        from serving.batch import PredictBatchRoute
         from serving.jobs.manager import JobManager
         from serving.jobs.routes import JobRoutes
+        from serving.predict_batch import PredictBatchRoute
         from serving.v2.rest import OpenInferenceApp
 
         self.predictor = load_predictor(STORED_MODEL, settings.use_compiled, settings.runtime_threads)
@@ -206,7 +206,7 @@ class BankChurn:
 
     # ------------------------------------------------------------------ APIs
     # Over HTTP, POST /predict and /predict_batch are answered by hot routes in front of BentoML
-    # (serving.online, serving.batch) with these same request models; these methods serve
+    # (serving.online, serving.predict_batch) with these same request models; these methods serve
     # in-process calls and document the APIs.
 
     @bentoml.api(input_spec=PredictInput)

@@ -1,4 +1,4 @@
-"""/predict_batch's short way (serving.batch): msgspec accepts exactly the batches BentoML's way
+"""/predict_batch's short way (serving.predict_batch): msgspec accepts exactly the batches BentoML's way
 accepts, as the same values, and the answer is Engine.score_records' answer."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from models.schema import (
     BatchValidationError,
     validate_rows,
 )
-from serving.batch import batch_decoder, fast_columns, predictions_json
+from serving.predict_batch import batch_decoder, fast_columns, predictions_json
 
 MAX_ROWS = 100
 C = EXAMPLE_CUSTOMER
