@@ -107,6 +107,7 @@ def test_bento_installs_the_locked_serving_set_only(bento):
 def test_bento_sets_thread_envs_and_one_worker(bento):
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "OMP_NUM_THREADS" in dockerfile
+    assert "BANKCHURN_PREDICTION_LOG_DIR=/tmp/" in dockerfile.replace('"', ""), "the file sink on the writable path"
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     assert info["services"][0]["config"]["workers"] == 1
 

@@ -350,13 +350,12 @@ def test_image_installs_exactly_the_locked_serving_set(stopped: str):
     python = _field(stopped, "image python")
     env = {"python_full_version": python, "python_version": ".".join(python.split(".")[:2])}
     env |= {"implementation_name": "cpython", "sys_platform": "linux", "platform_system": "Linux"}
+    from tests.test_build import _pins  # the exported lock's lines, hashes and continuations read
+
     locked = set()
-    for line in (ROOT / "requirements" / "serve.txt").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            req = Requirement(line)
-            if req.marker is None or req.marker.evaluate(env):
-                locked.add(
-                    f"{req.name.lower().replace('_', '-').replace('.', '-')}=={next(iter(req.specifier)).version}"
-                )
+    for spec in _pins((ROOT / "requirements" / "serve.txt").read_text()):
+        req = Requirement(spec)
+        if req.marker is None or req.marker.evaluate(env):
+            locked.add(f"{req.name.lower().replace('_', '-').replace('.', '-')}=={next(iter(req.specifier)).version}")
     assert installed == locked, f"not in the lock: {sorted(installed - locked)}; missing: {sorted(locked - installed)}"
     assert not {p.split("==")[0] for p in installed} & TRAINING_STACK
