@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("bentoml.service.bank_churn.prediction_log")
 
+# Records are encoded and handed to the sink in groups of about this many rows: one write (a
+# file append, a Redis round trip) per group, and a backlog never becomes one huge list.
+WRITE_ROWS = 8192
 _INTEGRAL = {name for name in NUMERIC_FEATURES if BY_NAME[name].kind in ("int", "flag")}
 _repeat = itertools.repeat
 
@@ -155,6 +158,9 @@ class PredictionLog:
             records: list[Any] = []
             for scored in batches:
                 records += self._records(scored)
+                if len(records) >= WRITE_ROWS:  # bounded memory whatever the backlog
+                    self._write(records)
+                    records = []
             if records:
                 self._write(records)
         finally:
