@@ -73,9 +73,15 @@ system-packages:
 	fi
 
 ## The Spark test (tests/test_spark.py) runs a local Spark: pyspark comes with the venv (its jars
-## included, nothing downloads), the JVM is the machine's (Java 17 or 21; Debian: openjdk-17-jre-headless).
+## included, nothing downloads), the JVM is the machine's (Java 17 or 21), else Debian's
+## openjdk-17-jre-headless is installed, as the other system packages are.
 java:
-	@java -version >/dev/null 2>&1 || { echo "need Java 17 or 21 on PATH for the Spark test (Debian: apt-get install openjdk-17-jre-headless; or set JAVA_HOME)"; exit 1; }
+	@java -version >/dev/null 2>&1 || { \
+	  echo "installing Debian packages: openjdk-17-jre-headless (a JVM for the Spark test)"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get install -y -qq openjdk-17-jre-headless >/dev/null 2>&1 || \
+	    { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq openjdk-17-jre-headless >/dev/null; }; \
+	  java -version >/dev/null 2>&1 || { echo "need Java 17 or 21 on PATH for the Spark test (or set JAVA_HOME)"; exit 1; }; }
 
 ## First README command: install, train if the store has no model, serve on :3000.
 serve: $(VENV)/.installed
