@@ -1,4 +1,5 @@
-"""Request ids: every request gets one, returned in the `X-Request-Id` response header.
+"""Request ids: every request gets one, returned in the `X-Request-Id` response header (and,
+for a gRPC ModelInfer call, in its `x-request-id` trailing metadata).
 
 The client's `X-Request-Id` is kept when it is well-formed (1 to 128 printable ASCII
 characters, no control characters, no leading or trailing space); anything else, or none,
@@ -17,6 +18,7 @@ import re
 from starlette.types import Message, Scope, Send
 
 HEADER = b"x-request-id"
+GRPC_KEY = "x-request-id"  # gRPC metadata keys are lower-case
 MAX_LENGTH = 128
 _WELL_FORMED = re.compile(rb"[\x21-\x7e](?:[\x20-\x7e]{0,%d}[\x21-\x7e])?" % (MAX_LENGTH - 2))
 
@@ -33,6 +35,18 @@ def from_scope(scope: Scope) -> str:
         if key == HEADER:
             return value.decode("ascii") if _WELL_FORMED.fullmatch(value) else new_id()
     return new_id()
+
+
+def adopt(value: str | None) -> str:
+    """Make the client's id (a gRPC metadata value), when well-formed, else a new one, the id
+    of the call being handled; return it."""
+    request_id = new_id()
+    if value is not None and value.isascii():
+        raw = value.encode("ascii")
+        if _WELL_FORMED.fullmatch(raw):
+            request_id = value
+    REQUEST_ID.set(request_id)
+    return request_id
 
 
 def current() -> str | None:

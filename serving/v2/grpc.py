@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from models.schema import FEATURE_NAMES
 from models.store import MODEL_NAME
-from serving import telemetry
+from serving import requestid, telemetry
 from serving.auth import PREDICT, AuthError, KeyRing, credential
 from serving.concurrency import Overloaded
 from serving.engine import V2_GRPC, Engine
@@ -136,6 +136,14 @@ def rpc(open_: bool = False) -> Callable:
     return wrap
 
 
+def _metadata(context: Any, key: str) -> str | None:
+    """A call's metadata value for `key` (the first, as the HTTP edge takes the first header)."""
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value
+    return None
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over the engine; `ready` is the service's readiness."""
 
@@ -220,6 +228,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        # The call's id, as X-Request-Id is for HTTP: the prediction log files its rows under it.
+        # Sent as trailing metadata, which goes out with the status (an error carries it too)
+        # and costs no extra message on the stream, as initial metadata would.
+        request_id = requestid.adopt(_metadata(context, requestid.GRPC_KEY))
+        context.set_trailing_metadata(((requestid.GRPC_KEY, request_id),))
         self.check_model(request.model_name, request.model_version)
         if not self.ready():
             raise Refused(
