@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -353,16 +354,29 @@ def bench_server(name: str, scripts: dict[str, Path], levels: list[int], batch_l
         cases: dict[str, list[dict]] = {case: [] for case in mine}
         groups = [(levels, [c for c in mine if CASES[c][1] == 1]), (batch_levels, [c for c in mine if CASES[c][1] > 1])]
         for group_levels, group in groups:
+            batch = bool(group) and CASES[group[0]][1] > 1 and name == "ours"
             for c in group_levels if group else []:
                 rounds = a.rounds if len(group) > 1 else 1
                 measured: dict[str, list[dict]] = {case: [] for case in group}
                 for _ in range(rounds):
+                    # The model's own rate, measured in every round beside the batch cells (the
+                    # server idle, same core): the machine's speed drifts by 10-15% over minutes,
+                    # so a batch path is compared with the model as fast as it was then.
+                    model = measure_ceiling(a.pin, seconds=3) if batch else None
                     for case in group:
                         cell = run(case, c, a.duration)
                         cell["rows_per_s"] = cell["rps"] * CASES[case][1]
+                        if model is not None:
+                            cell["model_rows_per_s"] = model["rows_per_s"]
+                            cell["vs_model"] = cell["rows_per_s"] / model["rows_per_s"]
+                            cell["cpu_vs_model"] = model["cpu_ms_per_call"] / max(cell["cpu_ms_per_request"], 1e-9)
                         measured[case].append(cell)
                 for case in group:
                     cell = _median_cell(measured[case])
+                    if batch:  # the median of the rounds' own ratios, each round's drift cancelled
+                        for key in ("vs_model", "cpu_vs_model", "model_rows_per_s"):
+                            cell[f"{key}_rounds"] = [m[key] for m in measured[case]]
+                            cell[key] = statistics.median(cell[f"{key}_rounds"])
                     cases[case].append(cell)
                     spread = "" if rounds == 1 else f"  (rounds {', '.join(f'{r:.0f}' for r in cell['rounds_rps'])})"
                     print(
@@ -408,8 +422,11 @@ def model_ceiling(rows: int = 1000, seconds: float = 5.0) -> dict:
     }
 
 
-def measure_ceiling(pin: bool) -> dict:
-    code = "import json; from benchmarks.http import model_ceiling; print('CEILING', json.dumps(model_ceiling()))"
+def measure_ceiling(pin: bool, seconds: float = 5.0) -> dict:
+    code = (
+        "import json; from benchmarks.http import model_ceiling; "
+        f"print('CEILING', json.dumps(model_ceiling(seconds={seconds})))"
+    )
     cmd = [*(["taskset", "-c", "0"] if pin else []), sys.executable, "-c", code]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("CEILING ")), None)
@@ -479,18 +496,13 @@ def ratio_rows(
             for c in batch_levels:
                 cell = cell_at(results, "ours", case, c)
                 if cell:
-                    out.append(
-                        (f"{case} rows/s ÷ the model's own (no HTTP)", c, cell["rows_per_s"] / ceiling["rows_per_s"])
-                    )
+                    # measured beside the cell in each round when it was, else the one measurement
+                    vs_model = cell.get("vs_model", cell["rows_per_s"] / ceiling["rows_per_s"])
+                    out.append((f"{case} rows/s ÷ the model's own (no HTTP)", c, vs_model))
                     if cell.get("cpu_ms_per_request") and ceiling.get("cpu_ms_per_call"):
                         # the share of the server's CPU per request that is the model's own work
-                        out.append(
-                            (
-                                f"{case}: the model's CPU ÷ the server's CPU per request",
-                                c,
-                                ceiling["cpu_ms_per_call"] / cell["cpu_ms_per_request"],
-                            )
-                        )
+                        cpu = cell.get("cpu_vs_model", ceiling["cpu_ms_per_call"] / cell["cpu_ms_per_request"])
+                        out.append((f"{case}: the model's CPU ÷ the server's CPU per request", c, cpu))
     return out
 
 
@@ -579,8 +591,21 @@ def markdown(results: dict, ratios: list[tuple[str, int, float]], verdicts: list
             "",
             f"The model alone on the same core (predictor.predict_columns on the same 1,000-row blocks, no HTTP): "
             f"{m['rows_per_s']:.0f} rows/s, {m['ms_per_call']:.1f} ms per block "
-            f"({m.get('cpu_ms_per_call', float('nan')):.1f} ms of CPU).",
+            f"({m.get('cpu_ms_per_call', float('nan')):.1f} ms of CPU), measured after the cells.",
         ]
+        per_round = [
+            (case, c)
+            for case, cells in results.get("ours", {}).get("cases", {}).items()
+            for c in cells
+            if "model_rows_per_s_rounds" in c
+        ]
+        if per_round:
+            rates = sorted({round(r) for _, c in per_round for r in c["model_rows_per_s_rounds"]})
+            lines += [
+                f"It was also measured in every round of the batch cells, just before them (3 s, the server idle): "
+                f"{', '.join(f'{r:,}' for r in rates)} rows/s; each batch cell's ratio to the model below is "
+                f"the median of its rounds' ratios to that round's rate."
+            ]
     if meta.get("grpc_generator_ceiling"):
         ceiling = ", ".join(f"{r:.0f} at {c}" for c, r in meta["grpc_generator_ceiling"].items())
         lines += [
