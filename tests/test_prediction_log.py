@@ -4,7 +4,11 @@ retention, sampling, drops, and request ids (serving.requestid)."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +142,25 @@ def test_files_rotate_and_retention_deletes_the_oldest_first(tmp_path):
     sink.enforce_retention()
     assert [str(p) for p in tmp_path.glob("predictions-*.jsonl")] == [current], "never the file being written"
     sink.close()
+
+
+def test_written_log_pages_leave_the_page_cache():
+    # Under the repository (a disk), not tmp_path: on a tmpfs /tmp the pages are the file.
+    build = Path(__file__).resolve().parents[1] / "build"
+    build.mkdir(exist_ok=True)
+    directory = Path(tempfile.mkdtemp(dir=build, prefix="page-cache-"))
+    try:
+        sink = FileSink(directory, retention_s=3600, max_bytes=1 << 40)
+        records = [PredictionRecord(iso_time(time.time()), MODEL, "/jobs", None, "j", 1, None, *ROW, 0.5, True)] * 2048
+        for _ in range(20):  # ~15 MB in 0.75 MB writes; the last write's pages stay until the next
+            sink.write(records)
+        (path,) = directory.glob("predictions-*.jsonl")
+        resident, size = map(int, subprocess.check_output(["fincore", "-b", "-n", "-o", "RES,SIZE", str(path)]).split())
+        sink.close()
+        assert size > 10_000_000
+        assert resident < size / 4, f"{resident:,} of {size:,} bytes still cached: written pages are dropped"
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_reading_a_window_and_a_line_cut_short(tmp_path):
