@@ -121,6 +121,18 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu_model()}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def run_meta(module: str, argv: list[str] | None, **settings: object) -> dict:
+    """What every report states first: the machine, the commit, the date, the run's own settings
+    and the command that made it."""
+    return {
+        "machine": machine(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        **settings,
+        "command": f"python -m benchmarks.{module} " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+
+
 def commit() -> str:
     try:
         sha = subprocess.run(
@@ -674,14 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in a.connections.split(",")]
     batch_levels = [int(x) for x in a.batch_connections.split(",")]
     scripts = {case: write_script(case, a.payloads) for case in a.cases.split(",")}
-    meta = {
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "pinned": a.pin,
-        "duration": a.duration,
-        "command": "python -m benchmarks.http " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta("http", argv, pinned=a.pin, duration=a.duration)
     print(meta["machine"], "| commit", meta["commit"])
     results = {}
     for name in a.servers.split(","):

@@ -27,7 +27,6 @@ import json
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -36,7 +35,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from benchmarks.http import commit, machine, run_wrk, write_script
+from benchmarks.http import run_meta, run_wrk, write_script
 from harness.data import customers_csv, submit_job
 from harness.fleet import RedisServer
 from harness.servers import ROOT, ServeProcess
@@ -202,13 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         p.error("needs 2 cores (server and load generator pinned apart)")
-    meta = {
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": a.rows,
-        "command": "python -m benchmarks.jobs " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta("jobs", argv, rows=a.rows)
     print(meta["machine"], "| commit", meta["commit"])
     data = customers_csv(a.rows)
     redis = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()

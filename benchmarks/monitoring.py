@@ -40,7 +40,7 @@ import httpx
 import numpy as np
 import psutil
 
-from benchmarks.http import commit, machine, run_wrk, tree_cpu_s, write_script
+from benchmarks.http import run_meta, run_wrk, tree_cpu_s, write_script
 from benchmarks.jobs import wait
 from harness.data import DATA, customers_csv, drifted, submit_job
 from harness.fleet import RedisServer
@@ -452,15 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         p.error("needs 2 cores (server and load generator pinned apart)")
-    meta = {
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "rounds": a.rounds,
-        "job_rows": a.job_rows,
-        "report_rows": a.report_rows,
-        "command": "python -m benchmarks.monitoring " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta("monitoring", argv, rounds=a.rounds, job_rows=a.job_rows, report_rows=a.report_rows)
     print(meta["machine"], "| commit", meta["commit"])
     work = Path(tempfile.mkdtemp(prefix="bench-monitoring-"))
     redis = RedisServer(work / "redis").start()

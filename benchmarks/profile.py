@@ -26,7 +26,6 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.http import commit, machine, run_wrk, write_script
+from benchmarks.http import run_meta, run_wrk, write_script
 from harness.servers import ROOT, ServeProcess
 
 # Owners by file path, checked from the leaf frame towards the root; the first frame with an
@@ -162,13 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             p.error(f"{tool} is not installed")
     script = write_script("predict", 200)
-    meta = {
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": a.seconds,
-        "command": "python -m benchmarks.profile " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta("profile", argv, seconds=a.seconds)
     results = [profile_route(route, script, a.seconds) for route in a.routes.split(",")]
     table = markdown(results, meta)
     a.out.mkdir(parents=True, exist_ok=True)

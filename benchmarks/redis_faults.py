@@ -20,14 +20,12 @@ import base64
 import dataclasses
 import json
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-from benchmarks.http import commit, machine
+from benchmarks.http import run_meta
 from harness.fleet import RedisServer
 from harness.redis_faults import FAULTS, FaultOutcome, run_fault
 from harness.servers import ROOT, ServeProcess
@@ -96,15 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", nargs="*", default=list(FAULTS), choices=FAULTS)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     a = p.parse_args(argv)
-    meta = {
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": a.rows,
-        "hold": a.hold,
-        "probes": a.probes,
-        "command": "python -m benchmarks.redis_faults " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta("redis_faults", argv, rows=a.rows, hold=a.hold, probes=a.probes)
     print(meta["machine"], "| commit", meta["commit"])
     directory = Path(tempfile.mkdtemp(prefix="bench-redis-faults-"))
     redis, url = acl_redis(directory)

@@ -50,7 +50,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from benchmarks.http import bodies_for, commit, machine, run_wrk
+from benchmarks.http import bodies_for, run_meta, run_wrk
 from benchmarks.profile import IDLE_LEAVES, worker_pid
 from harness.servers import ROOT, ServeProcess
 from harness.slowloris import big_header, raise_open_files_limit, slow_headers
@@ -209,17 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in a.connections.split(",")]
     path, key = keys_file(a.keys)
     scripts = {False: script(None, a.payloads), True: script(key, a.payloads)}
-    meta = {
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "pinned": a.pin,
-        "duration": a.duration,
-        "rounds": a.rounds,
-        "mode": a.mode,
-        "keys": a.keys,
-        "command": "python -m benchmarks.security " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta("security", argv, pinned=a.pin, duration=a.duration, rounds=a.rounds, mode=a.mode, keys=a.keys)
     print(meta["machine"], "| commit", meta["commit"])
     cpu = "1" if a.pin else None
     servers: dict[str, ServeProcess] = {}

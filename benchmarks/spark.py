@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         print(json.dumps(child(*argv[1:5])))
         return 0
-    from benchmarks.http import commit, machine
+    from benchmarks.http import run_meta
     from models.store import served_tag
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,13 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = str(bentoml.models.get(served_tag()).tag)
     sizes = [int(s) for s in a.rows.split(",")]
     masters = a.masters.split(",")
-    meta = {
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "tag": tag,
-        "command": "python -m benchmarks.spark " + " ".join(argv),
-    }
+    meta = run_meta("spark", argv, tag=tag)
     print(meta["machine"], "| commit", meta["commit"], "| model", tag)
     work = Path(tempfile.mkdtemp(prefix="bench-spark-"))
     try:

@@ -35,14 +35,13 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 
-from benchmarks.http import bodies_for, commit, machine
+from benchmarks.http import bodies_for, run_meta
 from harness.servers import ROOT, ServeProcess
 
 SERVERS = {
@@ -252,16 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown servers {sorted(unknown)}")
     a.model_tag = resolve_model(a.model_tag)
     bodies = [b.encode() for b in bodies_for("predict", 200)]
-    meta = {
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "runs": a.runs,
-        "requests": a.requests,
-        "model_tag": a.model_tag,
-        "command": "python -m benchmarks.startup " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta(
+        "startup",
+        argv,
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        loadavg=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+        runs=a.runs,
+        requests=a.requests,
+        model_tag=a.model_tag,
+    )
     print(meta["machine"], "| commit", meta["commit"], "| load", meta["loadavg"], "| model", a.model_tag, flush=True)
     runs = []
     for i in range(a.runs):

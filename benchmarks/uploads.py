@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import threading
 import time
 from collections import Counter
@@ -38,7 +37,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from benchmarks.http import commit, machine
+from benchmarks.http import run_meta
 from harness.fleet import wait_for_job
 from harness.servers import ROOT, ServeProcess
 from models.schema import FEATURE_NAMES, ID_COLUMN
@@ -220,13 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=Path, default=Path("/tmp/bank-churn-hostile"), help="where the files are made")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     a = p.parse_args(argv)
-    meta = {
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "media": a.media,
-        "command": "python -m benchmarks.uploads " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    meta = run_meta("uploads", argv, media=a.media)
     a.files.mkdir(parents=True, exist_ok=True)
     files, garbage = hostile_files(a.files), garbage_file(a.files)
     print(meta["machine"], "| commit", meta["commit"])
