@@ -59,7 +59,6 @@ class FileSink:
         self._file: Any = None
         self._opened_at = 0.0
         self._size = 0
-        self._cached_from = 0  # the file's pages from here on may still be in the page cache
         self.describe = f"files under {self.directory.resolve()}"
 
     def write(self, records: list[PredictionRecord]) -> None:
@@ -73,16 +72,16 @@ class FileSink:
         self._size += len(blob)
 
     def _drop_cached(self, end: int) -> None:
-        """Ask the kernel to drop the file's pages written before this write (as PostgreSQL does
-        for its WAL): the log is written once and read later by another process, so its pages
-        would only fill the page cache, which a pod's memory limit counts, and make every new
-        write take a fresh page instead of reusing one. The pages just written are still dirty;
-        the next write's call drops them. Measured here: 2.2-4.9 ms of CPU per MB appended
-        without it, 0.4-0.5 ms with it."""
+        """Ask the kernel to drop the file's pages from the page cache (as PostgreSQL does for
+        its WAL): the log is written once and read later by another process, so its pages would
+        only fill the page cache, which a pod's memory limit counts, and make every new write
+        take a fresh page instead of reusing one. Only clean pages go: those of this write, and
+        any still being written back, are dropped by a later call, which covers the whole file
+        (~3 us for 64 MiB). Measured here: 2.2-4.9 ms of CPU per MB appended without it,
+        0.4-0.5 ms with it."""
         if _FADVISE is not None:
             with contextlib.suppress(OSError):
-                _FADVISE(self._file.fileno(), self._cached_from, end - self._cached_from, os.POSIX_FADV_DONTNEED)
-            self._cached_from = self._size  # this write's own pages: dropped by the next call
+                _FADVISE(self._file.fileno(), 0, end, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if self._file is not None:
@@ -96,7 +95,7 @@ class FileSink:
         stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{FILE_PREFIX}{stamp}-{socket.gethostname()}-{os.getpid()}{FILE_SUFFIX}"
         self._file = open(self.directory / name, "ab")  # noqa: SIM115 - kept open until the next rotation
-        self._opened_at, self._size, self._cached_from = now, 0, 0
+        self._opened_at, self._size = now, 0
         self.enforce_retention(now)
 
     def enforce_retention(self, now: float | None = None) -> int:
