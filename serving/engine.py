@@ -129,19 +129,15 @@ class Engine:
         order, one object array per category), logged with the job's id, row numbers and
         CustomerIds when given (else with the request's id). Blocking: jobs call it on their
         own threads."""
-        proba, decisions = self._model(len(numeric), self.predictor.predict_columns, numeric, categorical)
-        self.log.add(
-            Scored(
-                time.time(),
-                proba,
-                decisions,
-                route,
-                None if job_id is not None else requestid.current(),
-                columns=(numeric, categorical),
-                job_id=job_id,
-                row_numbers=row_numbers,
-                customer_ids=customer_ids,
-            )
+        proba = self._model(len(numeric), self.predictor.predict_columns, numeric, categorical)
+        decisions = self._decided(
+            proba,
+            route,
+            None if job_id is not None else requestid.current(),
+            columns=(numeric, categorical),
+            job_id=job_id,
+            row_numbers=row_numbers,
+            customer_ids=customer_ids,
         )
         return proba, decisions
 
@@ -149,42 +145,34 @@ class Engine:
         with telemetry.stage("explain"):
             explanation = self.predictor.explain(row)
         if route is not None:
-            proba = _array([explanation["churn_probability"]])
-            decisions = self.decide(proba)
-            telemetry.record_decisions(decisions)
-            self.log.add(Scored(time.time(), proba, decisions, route, requestid.current(), rows=[row]))
+            self._decided(_array([explanation["churn_probability"]]), route, requestid.current(), rows=[row])
         return explanation
 
-    def _model(self, n: int, predict: Any, *args: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _model(self, n: int, predict: Any, *args: Any) -> np.ndarray:
         telemetry.BATCH_ROWS.observe(n)
         with telemetry.stage("predict"):
-            proba = predict(*args)
+            return predict(*args)
+
+    def _decided(self, proba: np.ndarray, route: str | Sequence[str], request_id: Any, **scored: Any) -> np.ndarray:
+        """The decisions for scored probabilities, counted, and the batch handed to the
+        prediction log (`scored`: the rows or columns and where they came from)."""
         decisions = self.decide(proba)
         telemetry.record_decisions(decisions)
-        return proba, decisions
+        self.log.add(Scored(time.time(), proba, decisions, route, request_id, **scored))
+        return decisions
 
     def _score_singles(self, items: list[tuple[tuple, str, str | None]]) -> list[float]:
         """The micro-batcher's batch: (row, route, request id) of each coalesced caller."""
         rows, routes, request_ids = zip(*items, strict=True)
-        proba, decisions = self._model(len(rows), self.predictor.predict_rows, rows)
-        self.log.add(Scored(time.time(), proba, decisions, routes, request_ids, rows=rows))
+        proba = self._model(len(rows), self.predictor.predict_rows, rows)
+        self._decided(proba, routes, request_ids, rows=rows)
         return proba.tolist()
 
     def _score_records(self, records: list[Any], prefix: str, route: str) -> bytes:
         with telemetry.stage("validate"):
             rows = validate_rows(records, prefix=prefix)
-        proba, decisions = self._model(len(rows), self.predictor.predict_rows, rows)
-        self.log.add(
-            Scored(
-                time.time(),
-                proba,
-                decisions,
-                route,
-                requestid.current(),
-                rows=rows,
-                row_numbers=range(1, len(rows) + 1),
-            )
-        )
+        proba = self._model(len(rows), self.predictor.predict_rows, rows)
+        decisions = self._decided(proba, route, requestid.current(), rows=rows, row_numbers=range(1, len(rows) + 1))
         threshold, tag = self.threshold, self.tag
         return json.dumps(
             {
