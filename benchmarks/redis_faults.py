@@ -16,36 +16,17 @@ job had ended. Figures from a shared machine are noisy. Writes reports/bench/red
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from benchmarks.http import run_meta
-from harness.fleet import RedisServer
+from harness.fleet import manifest_redis, redis_secret, service_redis_url
 from harness.redis_faults import FAULTS, FaultOutcome, run_fault
 from harness.servers import ROOT, ServeProcess
 
 ADMIN = "bench-admin-" + "a" * 20  # the benchmark's own user, to break the server with
-
-
-def acl_redis(directory: Path) -> tuple[RedisServer, str]:
-    """redis-server with the manifest's users (+ an admin for the faults); the service's URL."""
-    out = subprocess.run([str(ROOT / "deploy" / "redis-secret.sh")], capture_output=True, text=True, check=True)
-    secret = {k: base64.b64decode(v).decode() for k, v in yaml.safe_load(out.stdout)["data"].items()}
-    acl = directory / "users.acl"
-    acl.write_text(secret["users.acl"] + f"\nuser admin on >{ADMIN} ~* &* +@all\n")
-    redis = RedisServer(
-        directory / "data",
-        username="admin",
-        password=ADMIN,
-        args=("--aclfile", str(acl), "--enable-debug-command", "yes", "--maxmemory-policy", "noeviction"),
-    ).start()
-    return redis, secret["BANKCHURN_REDIS_URL"].replace("bank-churn-redis:6379", f"127.0.0.1:{redis.port}")
 
 
 def row(outcome: FaultOutcome) -> str:
@@ -97,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta("redis_faults", argv, rows=a.rows, hold=a.hold, probes=a.probes)
     print(meta["machine"], "| commit", meta["commit"])
     directory = Path(tempfile.mkdtemp(prefix="bench-redis-faults-"))
-    redis, url = acl_redis(directory)
+    secret = redis_secret()
+    redis = manifest_redis(directory, secret, ADMIN)
+    url = service_redis_url(secret, redis.port)
     env = {
         "BANKCHURN_REDIS_URL": url,
         "BANKCHURN_JOB_WORKERS": "1",

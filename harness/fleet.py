@@ -14,6 +14,7 @@ SIGTERM. Redis keeps an append-only file, so a stopped and restarted server keep
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shutil
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import httpx
 import psutil
+import yaml
 
-from harness.servers import ServeProcess, free_port
+from harness.servers import ROOT, ServeProcess, free_port
 
 BACKEND = "replicas"
 
@@ -289,6 +291,32 @@ class Fleet:
         self.lb.set_state(slot, "ready")
         self.wait_in_rotation(slot)
         return exited
+
+
+def redis_secret() -> dict[str, str]:
+    """What deploy/redis-secret.sh puts in the Secret bank-churn-redis, decoded."""
+    out = subprocess.run([str(ROOT / "deploy" / "redis-secret.sh")], capture_output=True, text=True, check=True)
+    return {k: base64.b64decode(v).decode() for k, v in yaml.safe_load(out.stdout)["data"].items()}
+
+
+def manifest_redis(directory: Path, secret: dict[str, str], admin_password: str) -> RedisServer:
+    """redis-server with the manifest's ACL users (the service's, KEDA's), plus an `admin` of
+    the caller's own to drive it with (CONFIG SET, REPLICAOF, DEBUG SLEEP): the service and
+    KEDA only ever see their users."""
+    directory.mkdir(parents=True, exist_ok=True)
+    acl = directory / "users.acl"
+    acl.write_text(secret["users.acl"] + f"\nuser admin on >{admin_password} ~* &* +@all\n")
+    return RedisServer(
+        directory / "data",
+        username="admin",
+        password=admin_password,
+        args=("--aclfile", str(acl), "--enable-debug-command", "yes", "--maxmemory-policy", "noeviction"),
+    ).start()
+
+
+def service_redis_url(secret: dict[str, str], port: int) -> str:
+    """The Secret's BANKCHURN_REDIS_URL, pointed at a local server instead of the Service."""
+    return secret["BANKCHURN_REDIS_URL"].replace("bank-churn-redis:6379", f"127.0.0.1:{port}")
 
 
 def _process(pid: int) -> psutil.Process | None:

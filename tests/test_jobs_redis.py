@@ -9,24 +9,21 @@ the jobs; POST /jobs must answer 503 + Retry-After within 3 s (never 500, never 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import io
 import os
 import signal
-import subprocess
 import time
 
 import httpx
 import psutil
 import pytest
 import redis as redis_sync
-import yaml
 
 from harness.data import customers_csv, submit_job
-from harness.fleet import RedisServer, wait_for_job
+from harness.fleet import manifest_redis, redis_secret, service_redis_url, wait_for_job
 from harness.redis_faults import FAULTS, run_fault
-from harness.servers import ROOT, ServeProcess
+from harness.servers import ServeProcess
 from models.predictor import load_predictor
 from serving.engine import Engine
 from serving.jobs.manager import JobManager
@@ -36,17 +33,7 @@ from serving.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-ADMIN_PASSWORD = "test-admin-" + "x" * 20
-# Tests drive the server (CONFIG SET, REPLICAOF, DEBUG SLEEP) as a user of their own; the
-# service and KEDA only ever see their users of the manifest's ACL file.
-ADMIN_LINE = f"user admin on >{ADMIN_PASSWORD} ~* &* +@all"
-
-
-def redis_secret() -> dict[str, str]:
-    """What deploy/redis-secret.sh puts in the Secret bank-churn-redis, decoded."""
-    out = subprocess.run([str(ROOT / "deploy" / "redis-secret.sh")], capture_output=True, text=True, check=True)
-    data = yaml.safe_load(out.stdout)["data"]
-    return {k: base64.b64decode(v).decode() for k, v in data.items()}
+ADMIN_PASSWORD = "test-admin-" + "x" * 20  # the tests' own user, to break the server with
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +43,7 @@ def secret() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory, secret):
-    directory = tmp_path_factory.mktemp("redis-acl")
-    acl = directory / "users.acl"
-    acl.write_text(secret["users.acl"] + "\n" + ADMIN_LINE + "\n")
-    server = RedisServer(
-        directory / "data",
-        username="admin",
-        password=ADMIN_PASSWORD,
-        args=("--aclfile", str(acl), "--enable-debug-command", "yes", "--maxmemory-policy", "noeviction"),
-    ).start()
+    server = manifest_redis(tmp_path_factory.mktemp("redis-acl"), secret, ADMIN_PASSWORD)
     yield server
     server.stop()
 
@@ -72,7 +51,7 @@ def redis_server(tmp_path_factory, secret):
 @pytest.fixture(scope="module")
 def app_url(secret, redis_server) -> str:
     """The URL of the Secret, pointed at the test's server instead of the Service."""
-    return secret["BANKCHURN_REDIS_URL"].replace("bank-churn-redis:6379", f"127.0.0.1:{redis_server.port}")
+    return service_redis_url(secret, redis_server.port)
 
 
 def run(coro):
