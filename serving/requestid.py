@@ -29,22 +29,20 @@ def new_id() -> str:
     return os.urandom(16).hex()
 
 
-def from_scope(scope: Scope) -> str:
+def _client_id(value: bytes | None) -> str:
     """The client's id when it is well-formed, else a new one."""
-    for key, value in scope["headers"]:
-        if key == HEADER:
-            return value.decode("ascii") if _WELL_FORMED.fullmatch(value) else new_id()
-    return new_id()
+    return value.decode("ascii") if value is not None and _WELL_FORMED.fullmatch(value) else new_id()
+
+
+def from_scope(scope: Scope) -> str:
+    """An HTTP request's id, from its first X-Request-Id header."""
+    return _client_id(next((value for key, value in scope["headers"] if key == HEADER), None))
 
 
 def adopt(value: str | None) -> str:
-    """Make the client's id (a gRPC metadata value), when well-formed, else a new one, the id
-    of the call being handled; return it."""
-    request_id = new_id()
-    if value is not None and value.isascii():
-        raw = value.encode("ascii")
-        if _WELL_FORMED.fullmatch(raw):
-            request_id = value
+    """Make a gRPC call's id (from its x-request-id metadata value) the id of the call being
+    handled; return it."""
+    request_id = _client_id(value.encode("ascii") if value is not None and value.isascii() else None)
     REQUEST_ID.set(request_id)
     return request_id
 
