@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -358,9 +357,3 @@ def chunk_as_csv(predictions: bytes, errors: bytes, with_id: bool) -> bytes:
             row += [repr(entry["churn_probability"]), "true" if entry["will_churn"] else "false", ""]
         writer.writerow(row)
     return out.getvalue().encode()
-
-
-def iter_chunks(upload: Upload) -> Iterator[bytes]:
-    """The reduced upload's chunks in order."""
-    for index in range(len(upload.chunks)):
-        yield upload.chunk(index)
