@@ -91,10 +91,13 @@ def test_every_route_logs_its_rows_with_its_request_id(logging_server, trained):
         # the client's x-request-id metadata, as X-Request-Id over HTTP; returned in the trailers
         answer, call = infer.with_call(infer_request([CUSTOMER, older, CUSTOMER]), metadata=[("x-request-id", "grpc")])
         assert dict(call.trailing_metadata())["x-request-id"] == "grpc"
-        # none sent (or a malformed one): a new id, returned
+        # none sent (or a malformed one: spaces around it, over 128 characters): a new id, returned
         _, call = infer.with_call(infer_request([CUSTOMER]), metadata=[("x-request-id", " spaced ")])
         generated = dict(call.trailing_metadata())["x-request-id"]
         assert len(generated) == 32 and generated != " spaced "
+        _, call = infer.with_call(infer_request([CUSTOMER]), metadata=[("x-request-id", "x" * 129)])
+        too_long = dict(call.trailing_metadata())["x-request-id"]
+        assert len(too_long) == 32
         # a refused call carries its id too (support can find it in the server's log)
         with pytest.raises(grpc.RpcError) as refused:
             infer(infer_request([{**CUSTOMER, "Age": 12}]), metadata=[("x-request-id", "grpc-refused")])
@@ -102,14 +105,14 @@ def test_every_route_logs_its_rows_with_its_request_id(logging_server, trained):
         assert dict(refused.value.trailing_metadata())["x-request-id"] == "grpc-refused"
     grpc_probabilities = outputs(answer)["churn_probability"]
 
-    records = wait_for_rows(lambda: read_files(logging_server.log_dir, since=0), 1 + 1 + 3 + 1 + 1 + 2 + 2 + 3 + 1)
+    records = wait_for_rows(lambda: read_files(logging_server.log_dir, since=0), 1 + 1 + 3 + 1 + 1 + 2 + 2 + 3 + 1 + 1)
     by_id: dict = {}
     for r in records:
         by_id.setdefault(r.request_id or r.job_id, []).append(r)
     grpc_rows = by_id.pop("grpc")
     assert [(r.route, r.row, r.Age) for r in grpc_rows] == [(V2_GRPC, i, a) for i, a in ((1, 42), (2, 70), (3, 42))]
     assert [r.churn_probability for r in grpc_rows] == grpc_probabilities
-    assert [(r.route, r.Age) for r in by_id.pop(generated)] == [(V2_GRPC, 42)]
+    assert [(r.route, r.Age) for r in by_id.pop(generated) + by_id.pop(too_long)] == [(V2_GRPC, 42)] * 2
     assert set(by_id) == {"predict", "explained", "batch", "explain", "v2-one", "v2-many", ref}
     assert [(r.route, r.row) for r in by_id["predict"]] == [("/predict", None)]
     assert by_id["predict"][0].churn_probability == answers["predict"].json()["churn_probability"]
